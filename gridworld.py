@@ -1,0 +1,376 @@
+"""Gridworld-pinpad (Kobayashi et al. 2025, arXiv 2512.20605, App. A.1) as a gymnasium env, plus its expert.
+
+Contents
+  1. Constants and the tasks of Table A1 (pretraining) and the post-training task
+  2. Shortest-path distances (the expert's dynamic programme) and layout sampling
+  3. GridPinpadEnv: the gymnasium env (spec sheet in its docstring)
+  4. The expert policy and a fast expert-episode generator used for the datasets D and D*
+  5. Registration as ``GridPinpad-v0``
+
+Cells are numbered ``row * 7 + col`` (row 0 at the top). Everything random comes from the env's
+``self.np_random`` (or, for the expert, from a ``numpy.random.Generator`` passed in), so a seed fixes
+everything.
+"""
+from __future__ import annotations
+
+import numpy as np
+import gymnasium as gym
+from gymnasium import spaces
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Constants and tasks
+# ---------------------------------------------------------------------------------------------------
+GRID = 7                      # G: the grid is G x G            [P A.1.2]
+N_CELLS = GRID * GRID         # 49
+N_COLOURS = 8                 # O: uniquely coloured cells 0..7  [P A.1.2]
+N_WALLS = 4                   # W: wall cells                    [P A.1.2]
+MAX_STEPS = 100               # T: episode limit                 [P A.1.2]
+N_CHANNELS = N_WALLS + N_COLOURS + 1          # per cell: 4 wall channels, 8 colour channels, 1 agent channel
+OBS_DIM = N_CELLS * N_CHANNELS                # 637, the paper's flat one-hot
+AGENT_CHANNEL = N_CHANNELS - 1                # 12
+N_SUBGOALS = 4                                # a subgoal is a colour pair 0-1, 2-3, 4-5, 6-7 -> ids 0..3
+
+ACTION_NAMES = ("up", "down", "left", "right")
+_DELTAS = ((-1, 0), (1, 0), (0, -1), (0, 1))
+
+
+def _neighbour_table() -> np.ndarray:
+    """NEXT[cell, action] = the cell reached by that move on an empty grid (off-grid moves stay put)."""
+    nxt = np.zeros((N_CELLS, 4), dtype=np.int64)
+    for cell in range(N_CELLS):
+        r, c = divmod(cell, GRID)
+        for a, (dr, dc) in enumerate(_DELTAS):
+            rr, cc = r + dr, c + dc
+            nxt[cell, a] = rr * GRID + cc if (0 <= rr < GRID and 0 <= cc < GRID) else cell
+    return nxt
+
+
+NEXT = _neighbour_table()
+_NEXT_LIST = NEXT.tolist()    # plain lists are much faster than numpy indexing in the tight loops below
+
+# Table A1 of the paper, verbatim: 16 six-colour tasks = 3 subgoals each (PAPER.md section 2.1).
+PRETRAIN_TASKS = tuple(tuple(int(c) for c in s.split("-")) for s in (
+    "0-1-4-5-0-1", "0-1-4-5-2-3", "0-1-6-7-2-3", "2-3-0-1-4-5", "2-3-6-7-2-3", "2-3-6-7-4-5",
+    "4-5-0-1-4-5", "4-5-0-1-6-7", "4-5-2-3-6-7", "6-7-2-3-0-1", "6-7-2-3-6-7", "6-7-4-5-0-1",
+    "0-1-6-7-4-5", "2-3-0-1-6-7", "4-5-2-3-0-1", "6-7-4-5-2-3"))
+# The post-training (RL) task: 12 colours = 6 subgoals A B C D A B, built only from subgoal transitions
+# (A->B, B->C, C->D, D->A) that never occur in pretraining [P A.1.2].
+POSTTRAIN_TASK = (0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3)
+
+
+def subgoal_of(colour: int) -> int:
+    """Subgoal id of a colour: the pair it belongs to (0-1 -> 0, 2-3 -> 1, 4-5 -> 2, 6-7 -> 3)."""
+    return colour // 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Shortest paths and layouts
+# ---------------------------------------------------------------------------------------------------
+def distances_to(target: int, kind: list) -> list:
+    """Exact shortest-path distance from every cell to ``target`` (the expert's dynamic programme).
+
+    ``kind[cell]`` is -1 for an empty cell, 0..7 for a colour, 8..11 for a wall. Walls block; so does
+    every colour other than the target, because stepping on it would end the episode as a failure.
+    Breadth-first search is the dynamic programme V(s) = 1 + min_a V(s') for unit step costs.
+    Unreachable cells get a large number. A colour cell other than the target gets the distance *from*
+    it (the agent may stand on a colour it has just visited), but no path goes through it.
+    """
+    inf = 10 ** 6
+    dist = [inf] * N_CELLS
+    dist[target] = 0
+    frontier = [target]
+    tgt_kind = kind[target]
+    while frontier:
+        new = []
+        for cell in frontier:
+            d = dist[cell] + 1
+            for nb in _NEXT_LIST[cell]:
+                if dist[nb] <= d or kind[nb] >= N_COLOURS:      # already labelled, or a wall
+                    continue
+                dist[nb] = d
+                # other colours get a distance (the agent may be standing on one it just visited) but
+                # are never crossed: the search does not expand from them
+                if kind[nb] == -1 or kind[nb] == tgt_kind:
+                    new.append(nb)
+        frontier = new
+    return dist
+
+
+def sample_layout(rng: np.random.Generator, task: tuple) -> tuple:
+    """Sample colours, walls and the agent's start uniformly without overlap; resample until solvable.
+
+    Solvable means: every colour of the task can be reached from where the agent will be (the start, then
+    the previous colour of the task) without crossing a wall or any other colour. Returns
+    ``(colour_cells[8], wall_cells[4], start_cell, kind[49], dists)`` where ``dists[c]`` is the distance map
+    to colour c (only for colours of the task).
+    """
+    while True:
+        cells = rng.permutation(N_CELLS)[:N_COLOURS + N_WALLS + 1].tolist()
+        colour_cells, wall_cells, start = cells[:N_COLOURS], cells[N_COLOURS:-1], cells[-1]
+        kind = [-1] * N_CELLS
+        for c, cell in enumerate(colour_cells):
+            kind[cell] = c
+        for w, cell in enumerate(wall_cells):
+            kind[cell] = N_COLOURS + w
+        dists = {c: distances_to(colour_cells[c], kind) for c in set(task)}
+        pos, ok = start, True
+        for c in task:
+            if dists[c][pos] >= 10 ** 6:
+                ok = False
+                break
+            pos = colour_cells[c]
+        if ok:
+            return colour_cells, wall_cells, start, kind, dists
+
+
+def observation_from_cells(wall_cells, colour_cells, agent: int) -> np.ndarray:
+    """The paper's flat one-hot observation: (49 cells x 13 channels) -> 637 float32 values."""
+    obs = np.zeros((N_CELLS, N_CHANNELS), dtype=np.float32)
+    for w, cell in enumerate(wall_cells):
+        obs[cell, w] = 1.0
+    for c, cell in enumerate(colour_cells):
+        obs[cell, N_WALLS + c] = 1.0
+    obs[agent, AGENT_CHANNEL] = 1.0
+    return obs.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. The env
+# ---------------------------------------------------------------------------------------------------
+class GridPinpadEnv(gym.Env):
+    """Gridworld-pinpad: visit coloured cells in a task-specific order [P App. A.1].
+
+    ## Description
+    A 7x7 grid holds 8 uniquely coloured cells (colours 0..7), 4 wall cells and the agent. A *task* is a
+    sequence of colours to visit in order, e.g. ``0-1-4-5-2-3``; consecutive colour pairs (0-1, 2-3, 4-5,
+    6-7) are the subgoals (ids 0..3). The task is never shown to the agent: it must be inferred in context.
+
+    ## Action Space
+    ``Discrete(4)``: 0 up, 1 down, 2 left, 3 right. A move into a wall or off the grid leaves the agent
+    where it is (and still costs a step).
+
+    ## Observation Space
+    ``Box(0, 1, (637,), float32)``: a flat one-hot of shape (49 cells, 13 channels), cell index
+    ``row * 7 + col``:
+
+    | channel | meaning                         |
+    |---------|---------------------------------|
+    | 0..3    | wall number 0..3 occupies cell  |
+    | 4..11   | colour 0..7 occupies cell       |
+    | 12      | the agent is in the cell        |
+
+    Nothing about the task, the current subgoal or which colours were visited is in the observation.
+    Colour and agent channels can both be 1 in one cell (the agent standing on a colour).
+
+    ## Rewards
+    1 when the last colour of the task is visited, else 0 (sparse).
+
+    ## Starting State
+    Colours, walls and the agent's start are sampled uniformly without overlap from ``self.np_random``.
+    Layouts where the task cannot be completed (a needed colour walled off, or reachable only across
+    another colour) are resampled.
+
+    ## Episode End
+    * Termination, success: every colour of the task visited in order (a colour counts as visited when
+      the agent moves onto it from a different cell).
+    * Termination, failure: the agent steps onto any colour other than the next one the task needs.
+    * Truncation: 100 steps elapsed.
+
+    ## Info
+    ``subgoal`` (ground-truth current subgoal id 0..3 = pair of the next needed colour; for probes and
+    analysis only, never for the agent), ``next_colour``, ``visited`` (task colours visited so far),
+    ``success`` (bool).
+
+    ## Arguments
+    ``task``: a tuple of colours, or None (then a pretraining task is sampled at every reset);
+    ``reset(options={"task": ...})`` overrides it for one episode. ``render_mode``: "ansi" or "rgb_array".
+    """
+
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
+
+    def __init__(self, task: tuple | None = None, render_mode: str | None = None, max_steps: int = MAX_STEPS):
+        self.default_task = None if task is None else self._check_task(task)
+        self.render_mode = render_mode
+        self.max_steps = max_steps
+        self.observation_space = spaces.Box(0.0, 1.0, (OBS_DIM,), dtype=np.float32)
+        self.action_space = spaces.Discrete(4)
+        self.task: tuple = PRETRAIN_TASKS[0]
+        self.colour_cells, self.wall_cells, self.agent, self.kind = [], [], 0, [-1] * N_CELLS
+        self.dists, self.progress, self.t, self.failed = {}, 0, 0, False
+
+    @staticmethod
+    def _check_task(task) -> tuple:
+        task = tuple(int(c) for c in task)
+        if not task or any(not 0 <= c < N_COLOURS for c in task) or any(a == b for a, b in zip(task, task[1:])):
+            raise ValueError(f"a task is a non-empty sequence of colours 0..7 with no colour twice in a row, got {task}")
+        return task
+
+    # -- gymnasium API ---------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if options and options.get("task") is not None:
+            self.task = self._check_task(options["task"])
+        elif self.default_task is not None:
+            self.task = self.default_task
+        else:
+            self.task = PRETRAIN_TASKS[int(self.np_random.integers(len(PRETRAIN_TASKS)))]
+        self.colour_cells, self.wall_cells, self.agent, self.kind, self.dists = sample_layout(self.np_random, self.task)
+        self.progress, self.t, self.failed = 0, 0, False
+        return self._obs(), self._info()
+
+    def step(self, action):
+        assert self.action_space.contains(action), f"invalid action {action!r}"
+        nxt = _NEXT_LIST[self.agent][int(action)]
+        if self.kind[nxt] >= N_COLOURS:          # a wall: stay put
+            nxt = self.agent
+        moved, self.agent = nxt != self.agent, nxt
+        self.t += 1
+        terminated, reward = False, 0.0
+        colour = self.kind[nxt]
+        if moved and 0 <= colour < N_COLOURS:    # a visit: moved onto a colour from a different cell
+            if colour == self.task[self.progress]:
+                self.progress += 1
+                if self.progress == len(self.task):
+                    terminated, reward = True, 1.0
+            else:
+                terminated, self.failed = True, True
+        truncated = (not terminated) and self.t >= self.max_steps
+        return self._obs(), reward, bool(terminated), bool(truncated), self._info()
+
+    def render(self):
+        if self.render_mode == "ansi":
+            return self.render_ansi()
+        if self.render_mode == "rgb_array":
+            return self.render_rgb()
+        return None
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    @property
+    def success(self) -> bool:
+        return self.progress == len(self.task)
+
+    @property
+    def subgoal(self) -> int:
+        """Ground-truth current subgoal: the pair of the next needed colour (the last one once done)."""
+        return subgoal_of(self.task[min(self.progress, len(self.task) - 1)])
+
+    def _obs(self) -> np.ndarray:
+        return observation_from_cells(self.wall_cells, self.colour_cells, self.agent)
+
+    def _info(self) -> dict:
+        nxt = self.task[self.progress] if self.progress < len(self.task) else -1
+        return {"subgoal": self.subgoal, "next_colour": nxt, "visited": self.progress, "success": self.success}
+
+    def cells(self) -> list:
+        """The observation in index form: cells of walls 0..3, colours 0..7, and the agent (13 ints).
+
+        The 637-dim one-hot has exactly one 1 per channel, so these 13 indices carry the same information;
+        ``internal_rl.py`` feeds the model this form (see its section 3)."""
+        return list(self.wall_cells) + list(self.colour_cells) + [self.agent]
+
+    def render_ansi(self) -> str:
+        rows = []
+        for r in range(GRID):
+            row = []
+            for c in range(GRID):
+                cell, k = r * GRID + c, self.kind[r * GRID + c]
+                ch = "#" if k >= N_COLOURS else (str(k) if k >= 0 else ".")
+                row.append(f"[{ch}]" if cell == self.agent else f" {ch} ")
+            rows.append("".join(row))
+        return "\n".join(rows) + f"\ntask {'-'.join(map(str, self.task))}  visited {self.progress}  t {self.t}\n"
+
+    def render_rgb(self, px: int = 24) -> np.ndarray:
+        img = np.full((GRID * px, GRID * px, 3), 235, dtype=np.uint8)
+        for cell in range(N_CELLS):
+            r, c = divmod(cell, GRID)
+            k = self.kind[cell]
+            colour = (60, 60, 60) if k >= N_COLOURS else (COLOUR_RGB[k] if k >= 0 else (235, 235, 235))
+            img[r * px + 1:(r + 1) * px - 1, c * px + 1:(c + 1) * px - 1] = colour
+        r, c = divmod(self.agent, GRID)
+        q = px // 4
+        img[r * px + q:(r + 1) * px - q, c * px + q:(c + 1) * px - q] = (0, 0, 0)
+        return img
+
+    # -- the expert (section 4) ------------------------------------------------------------------------
+    def expert_action(self, rng: np.random.Generator, epsilon: float = 0.0) -> int:
+        """Exact shortest path to the next needed colour, uniformly among all optimal actions [P C.1.1].
+
+        With probability ``epsilon``, a uniformly random *non-terminating* action instead (one that does
+        not step onto a wrong colour)."""
+        return expert_action(self.agent, self.kind, self.dists[self.task[self.progress]], rng, epsilon,
+                             self.task[self.progress])
+
+
+COLOUR_RGB = ((230, 25, 75), (245, 130, 48), (255, 225, 25), (60, 180, 75),
+              (70, 240, 240), (0, 130, 200), (145, 30, 180), (240, 50, 230))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. The expert and fast episode generation
+# ---------------------------------------------------------------------------------------------------
+def optimal_actions(agent: int, kind: list, dist: list, target: int) -> list:
+    """All actions that move one step closer to ``target``, onto an empty cell or the target itself."""
+    moves, d = _NEXT_LIST[agent], dist[agent]
+    return [a for a in range(4) if dist[moves[a]] == d - 1 and (kind[moves[a]] == -1 or kind[moves[a]] == target)]
+
+
+def expert_action(agent: int, kind: list, dist: list, rng: np.random.Generator, epsilon: float, target: int) -> int:
+    """One expert decision given the distance map ``dist`` to the next needed colour ``target``."""
+    moves = _NEXT_LIST[agent]
+    if epsilon > 0.0 and rng.random() < epsilon:
+        # a random action that does not end the episode (not onto a wrong colour) and does not trap the
+        # agent where the target is unreachable (a pocket entered from the colour it stands on)
+        safe = [a for a in range(4) if kind[moves[a]] < N_COLOURS and dist[moves[a]] < 10 ** 6
+                and (moves[a] == agent or kind[moves[a]] in (-1, target))]
+        return safe[int(rng.integers(len(safe)))]
+    best = optimal_actions(agent, kind, dist, target)
+    return best[int(rng.integers(len(best)))] if len(best) > 1 else best[0]
+
+
+def expert_episode(rng: np.random.Generator, task: tuple, epsilon: float = 0.0, max_steps: int = MAX_STEPS):
+    """Roll out the expert on a fresh layout, without the gymnasium wrapper overhead.
+
+    Follows exactly the dynamics of ``GridPinpadEnv.step`` (a test checks this). Returns a dict with
+    ``cells`` (T+1, 13) int observations in index form (see ``GridPinpadEnv.cells``), ``actions`` (T,),
+    ``subgoals`` (T,) ground-truth subgoal at each step, ``next_colour`` (T,) the colour the expert is
+    heading to, ``optimal`` (T, 4) bool mask of all optimal actions (for diagnostics), and ``success``.
+    """
+    colour_cells, wall_cells, agent, kind, dists = sample_layout(rng, task)
+    static = list(wall_cells) + list(colour_cells)
+    agents, actions, nexts, optimal = [agent], [], [], []
+    progress, success = 0, False
+    for _ in range(max_steps):
+        target = task[progress]
+        best = optimal_actions(agent, kind, dists[target], target)
+        if epsilon > 0.0:
+            a = expert_action(agent, kind, dists[target], rng, epsilon, target)
+        else:
+            a = best[int(rng.integers(len(best)))] if len(best) > 1 else best[0]
+        optimal.append([a_ in best for a_ in range(4)])
+        nxt = _NEXT_LIST[agent][a]
+        if kind[nxt] >= N_COLOURS:
+            nxt = agent
+        actions.append(a)
+        nexts.append(target)
+        moved, agent = nxt != agent, nxt
+        agents.append(agent)
+        if moved and 0 <= kind[nxt] < N_COLOURS:
+            if kind[nxt] != target:
+                break                      # cannot happen for epsilon-noise (non-terminating), kept for safety
+            progress += 1
+            if progress == len(task):
+                success = True
+                break
+    cells = np.empty((len(agents), N_WALLS + N_COLOURS + 1), dtype=np.int64)
+    cells[:, :-1] = static
+    cells[:, -1] = agents
+    nexts = np.asarray(nexts, dtype=np.int64)
+    return {"cells": cells, "actions": np.asarray(actions, dtype=np.int64), "subgoals": nexts // 2,
+            "next_colour": nexts, "optimal": np.asarray(optimal, dtype=bool), "success": success}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Registration
+# ---------------------------------------------------------------------------------------------------
+if "GridPinpad-v0" not in gym.registry:
+    gym.register(id="GridPinpad-v0", entry_point="gridworld:GridPinpadEnv", max_episode_steps=None)

@@ -1,0 +1,877 @@
+"""internal_rl.py: a single-file, CPU-sized reference implementation of
+
+    "Emergent temporal abstractions in autoregressive models enable hierarchical reinforcement learning"
+    Kobayashi, Schimpf, Schlegel, ..., Meulemans, Sacramento (2025), arXiv:2512.20605.
+
+Read it top to bottom; every section is one step of the paper's pipeline.
+
+The pipeline (section numbers of this file in brackets)
+------------------------------------------------------
+    expert trajectories (no rewards, no labels)                                [3]
+            |  next-action prediction + lambda * next-observation prediction (Eq. 5)
+            v
+    causal transformer  o_{1:t} -> e_{t,0} -> block 1 -> ... -> block L -> a_t  [4, 6]
+            |                                  ^
+            |  e_{t,l} (the residual stream)   |  e <- e + U e  (a linear controller, Eq. 1)
+            v                                  |
+    linear probes: is the current subgoal    ground-truth controllers: one U per subgoal,
+    linearly decodable at layer l? [7]       switched by the true subgoal, steer the frozen
+                                             model through unseen subgoal orders [8]
+            |
+            v
+    metacontroller (learns the U's and when to switch, without labels) and internal RL   [9-11, next]
+
+Commands (2-core CPU)
+---------------------
+    python internal_rl.py --task grid                              # every stage implemented so far
+    python internal_rl.py --task grid --stop-after pretrain        # or: probe, controllers
+    python internal_rl.py --task grid --seed 1 --out runs/grid-seed1
+    pytest -q test_internal_rl.py                                  # the tests, ~2 minutes
+Outputs go to ``--out`` (default ``runs/<task>-seed<seed>``): checkpoints (``*.pt``), ``metrics.jsonl``
+(one JSON line per log line), figures (``*.png``) and ``results.json``. A rerun with the same settings
+reuses every finished stage; changing a setting retrains the stages it affects and everything after.
+The README has the measured numbers and run times.
+
+Table of contents (the section banners below carry the same numbers; log lines are prefixed with them)
+    1. Args: every setting, with per-task defaults
+    2. Plumbing: seeding, logging, checkpoints that know their settings
+    3. Data: expert trajectories D and D*, length-bucketed batches
+    4. The base model: a causal transformer with an explicit residual stream
+    5. Rollouts: the frozen model (optionally controlled) acting in the env, with a KV cache
+    6. Stage "pretrain": next-action prediction (Eq. 5)
+    7. Stage "probe": linear probes of the current subgoal, per layer (Sec. 5.1 of PAPER.md, Fig. 3)
+    8. Stage "controllers": ground-truth residual-stream controllers (Eq. 1, Fig. 4)
+    9.-11. (next: the RL toolkit and token-level RL, the metacontroller, internal RL; not in this file yet)
+    12. Figures
+    13. main(): the stages in order
+
+Notation (shape comments use these letters)
+    B batch (episodes)   T time steps   D residual width (n_embd)   L blocks (n_layer)   H heads
+    K subgoals (4 in the grid)   r controller rank (16)   e_{t,l} residual at step t after block l
+    (l = 0 is the input embedding, l = L the last block)   U a D x D controller matrix, applied e <- e + U e
+
+Deliberate choices and deviations from the paper (also listed in the README)
+    * Size: d=128, 4 blocks, 4 heads (paper: d=256, 6 blocks) and ~1e6 training episodes (paper ~2.6e8):
+      the CPU budget. The controlled layer is L/2 = 2, as in the paper.
+    * Input embedding (the paper leaves it open): the observation's one-hot is re-indexed around the agent
+      (where is each object relative to me?) and embedded linearly, plus an embedding of the agent's cell.
+      A deterministic function of the observation with no task information; it made the subgoal code
+      emerge ~8x faster per CPU-second than a linear embedding of the flat 637-dim vector (PAPER.md 13).
+    * Next-observation loss: cross-entropy on the agent's next cell (the only part of o_{t+1} that changes).
+    * Optimiser steps, probe and controller training are shorter than Tables A4/A6/A7, with larger
+      learning rates (the values are in Args).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gridworld as gw
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Args: every setting, with per-task defaults
+# ---------------------------------------------------------------------------------------------------
+def arg(default, help: str):
+    """A dataclass field that carries its own --help text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    # -- run --
+    task: str = arg("grid", "environment: grid (gridworld-pinpad) or ant (ant-pinpad, not implemented yet)")
+    seed: int = arg(0, "seed for everything (data, init, evaluation episodes)")
+    device: str = arg("auto", "cpu, cuda, or auto (cuda when present)")
+    out: str = arg("", "run folder (default runs/<task>-seed<seed>)")
+    stop_after: str = arg("controllers", "last stage to run: pretrain, probe or controllers")
+    threads: int = arg(0, "torch CPU threads (0 = all cores)")
+    log_every: int = arg(200, "log a training line every this many steps")
+    # -- data (section 3) --
+    epsilon: float = arg(0.0, "expert noise for dataset D: probability of a random non-terminating action (paper: 0)")
+    batch_size: int = arg(128, "episodes per pretraining batch (padded; batches are length-bucketed)")
+    bucket_batches: int = arg(8, "batches generated together and sorted by length, to cut padding")
+    n_heldout: int = arg(2000, "held-out episodes of D (pretraining metrics)")
+    n_dstar: int = arg(8000, "episodes of the clean set D* (epsilon = 0) for controllers; as many again held out")
+    # -- base model (section 4) --
+    n_layer: int = arg(4, "transformer blocks L (paper: 6)")
+    n_head: int = arg(4, "attention heads")
+    n_embd: int = arg(64, "residual width D (paper: 256)")
+    mlp_mult: int = arg(4, "MLP hidden = mlp_mult * n_embd (ReLU, as Table A16)")
+    rel_buckets: int = arg(32, "relative-position attention-bias buckets (Table A16: 32)")
+    # -- pretraining (section 6) --
+    pretrain_steps: int = arg(8000, "optimiser steps; every batch is fresh expert data")
+    lr: float = arg(2e-3, "AdamW learning rate (Table A4: 3e-4 at batch 1024)")
+    warmup: int = arg(200, "linear learning-rate warm-up steps, then constant (Table A4: constant)")
+    weight_decay: float = arg(0.03, "AdamW weight decay (Table A4)")
+    obs_coef: float = arg(0.01, "lambda in Eq. 5: weight of the next-observation loss (Table A4: [0, 0.01])")
+    grad_clip: float = arg(1.0, "gradient-norm clip")
+    eval_every: int = arg(1000, "held-out metrics + a quick probe every this many pretraining steps")
+    # -- probes (section 7) --
+    n_probe: int = arg(4000, "held-out D* episodes for the probes (half to fit, half to score)")
+    probe_steps: int = arg(300, "full-batch AdamW steps per layer probe")
+    probe_lr: float = arg(1e-2, "probe learning rate (features are standardised first)")
+    # -- controllers (section 8) --
+    ctrl_rank: int = arg(16, "rank r of each controller U = A B^T (Table A7: 16)")
+    ctrl_steps: int = arg(1000, "optimiser steps per layer (Table A7: 3200 at batch 512)")
+    ctrl_batch: int = arg(128, "episodes of D* per controller batch")
+    ctrl_lr: float = arg(3e-3, "controller learning rate (Table A7: 1e-3)")
+    ctrl_layers: str = arg("all", "layers to train controllers at: 'all' (0..L) or a comma list, e.g. '2'")
+    n_eval: int = arg(500, "evaluation episodes per task family (pretraining tasks / post-training task)")
+    greedy: bool = arg(False, "evaluate with argmax actions instead of sampling (the paper samples)")
+
+
+# Per-task defaults: everything not listed here takes the dataclass default above.
+TASK_PRESETS = {
+    "grid": {},
+    "ant": {},
+}
+STAGES = ("pretrain", "probe", "controllers")
+
+
+def parse_args(argv=None) -> Args:
+    """Build argparse from the dataclass, apply the task preset, validate; bad input exits in one line."""
+    p = argparse.ArgumentParser(description="Internal RL reference implementation (arXiv 2512.20605).")
+    for f in dataclasses.fields(Args):
+        name = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(name, type=typ, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default {f.default!r})")
+    given = vars(p.parse_args(argv))
+    task = given.get("task", Args.task)
+    if task not in TASK_PRESETS:
+        sys.exit(f"internal_rl.py: error: unknown --task {task!r}; valid choices: {', '.join(TASK_PRESETS)}")
+    if task == "ant":
+        sys.exit("internal_rl.py: error: --task ant is not implemented yet (the ant-pinpad issue); valid now: grid")
+    args = Args(**{**TASK_PRESETS[task], **given})
+    if args.stop_after not in STAGES:
+        sys.exit(f"internal_rl.py: error: unknown --stop-after {args.stop_after!r}; valid choices: {', '.join(STAGES)}")
+    for f in dataclasses.fields(Args):
+        v = getattr(args, f.name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name not in ("seed", "epsilon", "obs_coef",
+                                                                                        "weight_decay", "warmup", "threads"):
+            if v <= 0:
+                sys.exit(f"internal_rl.py: error: --{f.name.replace('_', '-')} must be positive, got {v}")
+    if not 0.0 <= args.epsilon < 1.0:
+        sys.exit(f"internal_rl.py: error: --epsilon must be in [0, 1), got {args.epsilon}")
+    if args.n_embd % args.n_head:
+        sys.exit(f"internal_rl.py: error: --n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
+    try:
+        ctrl_layers(args)
+    except ValueError as e:
+        sys.exit(f"internal_rl.py: error: {e}")
+    args.out = args.out or os.path.join("runs", f"{args.task}-seed{args.seed}")
+    return args
+
+
+def ctrl_layers(args: Args) -> list:
+    if args.ctrl_layers == "all":
+        return list(range(args.n_layer + 1))
+    layers = [int(s) for s in args.ctrl_layers.split(",")]
+    if any(not 0 <= l <= args.n_layer for l in layers):
+        raise ValueError(f"--ctrl-layers must be 'all' or layers in 0..{args.n_layer}, got {args.ctrl_layers!r}")
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Plumbing: seeding, logging, checkpoints that know their settings          # BOILERPLATE
+# ---------------------------------------------------------------------------------------------------
+class Logger:
+    """Print-first logging: one fixed-format line per event, also appended to metrics.jsonl."""
+
+    def __init__(self, out: str):
+        os.makedirs(out, exist_ok=True)
+        self.path = os.path.join(out, "metrics.jsonl")
+
+    def __call__(self, stage: str, msg: str, **metrics):
+        print(f"[{stage}] {msg}", flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": time.time(), "stage": stage, "msg": msg, **metrics}) + "\n")
+
+
+def eta(t0: float, done: int, total: int) -> str:
+    """'12.3 s, eta 45 s' style progress string."""
+    el = time.time() - t0
+    left = el / max(done, 1) * (total - done)
+    return f"{el:.0f}s elapsed, eta {left:.0f}s"
+
+
+# Which Args fields each stage depends on. A stage's fingerprint hashes these plus the fingerprint of the
+# stage before it, so changing e.g. --lr retrains pretraining, probes and controllers, while changing
+# --ctrl-lr retrains only the controllers.
+STAGE_FIELDS = {
+    "pretrain": ("task", "seed", "epsilon", "batch_size", "bucket_batches", "n_layer", "n_head", "n_embd",
+                 "mlp_mult", "rel_buckets", "pretrain_steps", "lr", "warmup", "weight_decay", "obs_coef", "grad_clip"),
+    "probe": ("n_dstar", "n_probe", "probe_steps", "probe_lr"),
+    "controllers": ("n_dstar", "ctrl_rank", "ctrl_steps", "ctrl_batch", "ctrl_lr", "ctrl_layers", "n_eval", "greedy"),
+}
+
+
+def fingerprint(args: Args, stage: str) -> str:
+    prev = "" if stage == STAGES[0] else fingerprint(args, STAGES[STAGES.index(stage) - 1])
+    cfg = {k: getattr(args, k) for k in STAGE_FIELDS[stage]}
+    return hashlib.sha1((prev + json.dumps(cfg, sort_keys=True)).encode()).hexdigest()[:12]
+
+
+def save_ckpt(path: str, obj: dict) -> None:
+    """Atomic save: write a temporary file, then rename, so a crash never leaves half a checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_ckpt(path: str, fp: str, log: Logger, stage: str):
+    """The checkpoint at ``path`` if it was made with the same settings (fingerprint), else None.
+
+    An unreadable file stops the run with the path and the fix; a file made with other settings is
+    reported and retrained (never silently used)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        assert isinstance(ck, dict) and "fingerprint" in ck
+    except Exception as e:  # noqa: BLE001 -- any failure to read means the same thing to the user
+        sys.exit(f"internal_rl.py: error: cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:80]}); "
+                 f"delete it (or choose another --out) to retrain that stage")
+    if ck["fingerprint"] != fp:
+        log(stage, f"{path} was made with other settings ({ck['fingerprint']} != {fp}): retraining this stage")
+        return None
+    return ck
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Data: expert trajectories D and D*, length-bucketed batches
+# ---------------------------------------------------------------------------------------------------
+# Each episode is stored compactly (gridworld.expert_episode):
+#   cells    (T+1, 13) int  observation o_1..o_{T+1} in index form: cells of walls 0..3, colours 0..7, agent
+#   actions  (T,)      int  a_1..a_T
+#   subgoals (T,)      int  ground-truth subgoal g_t (analysis only: probes, controllers, diagnostics)
+#   optimal  (T, 4)    bool every optimal action at t (diagnostics only)
+# The flat 637-dim one-hot of the paper has exactly one 1 per channel, so the 13 indices are the same
+# observation, losslessly and ~50x smaller. Pretraining never reuses an episode: every batch is freshly
+# generated (the expert is fast), which avoids overfitting at CPU scale. Held-out sets come from their
+# own random streams, so the train/held-out split is by episode.
+
+def generate_episodes(rng: np.random.Generator, n: int, tasks, epsilon: float) -> list:
+    """n expert episodes, each on a task drawn uniformly from ``tasks``."""
+    return [gw.expert_episode(rng, tasks[int(rng.integers(len(tasks)))], epsilon) for _ in range(n)]
+
+
+def collate(episodes: list, device) -> dict:
+    """Pad a list of episodes into tensors; padded steps have target -1 (ignored by the losses)."""
+    B, T = len(episodes), max(len(ep["actions"]) for ep in episodes)
+    cells = np.zeros((B, T, 13), dtype=np.int64)            # (B, T, 13)  o_1..o_T
+    actions = np.full((B, T), -1, dtype=np.int64)           # (B, T)      a_1..a_T
+    next_cell = np.full((B, T), -1, dtype=np.int64)         # (B, T)      agent cell in o_{t+1}
+    subgoals = np.full((B, T), -1, dtype=np.int64)          # (B, T)      g_t
+    nextcol = np.full((B, T), -1, dtype=np.int64)           # (B, T)      colour the expert heads to
+    optimal = np.zeros((B, T, 4), dtype=bool)               # (B, T, 4)
+    for i, ep in enumerate(episodes):
+        n = len(ep["actions"])
+        cells[i, :n] = ep["cells"][:n]
+        actions[i, :n] = ep["actions"]
+        next_cell[i, :n] = ep["cells"][1:n + 1, -1]
+        subgoals[i, :n] = ep["subgoals"]
+        nextcol[i, :n] = ep["next_colour"]
+        optimal[i, :n] = ep["optimal"]
+    t = lambda x: torch.from_numpy(x).to(device)
+    return {"cells": t(cells), "actions": t(actions), "next_cell": t(next_cell), "subgoals": t(subgoals),
+            "next_colour": t(nextcol), "optimal": t(optimal)}
+
+
+def fresh_batches(rng: np.random.Generator, args: Args, device):
+    """Endless stream of fresh, length-bucketed pretraining batches from dataset D.
+
+    ``bucket_batches`` batches are generated at once, sorted by episode length and cut into batches, so
+    each batch pads to a similar length (most padding disappears); the batch order is then shuffled."""
+    while True:
+        eps = generate_episodes(rng, args.batch_size * args.bucket_batches, gw.PRETRAIN_TASKS, args.epsilon)
+        eps.sort(key=lambda ep: len(ep["actions"]))
+        chunks = [eps[i:i + args.batch_size] for i in range(0, len(eps), args.batch_size)]
+        for j in rng.permutation(len(chunks)):
+            yield collate(chunks[j], device)
+
+
+def batches_of(episodes: list, size: int, device):
+    """Fixed-order, length-sorted batches of a stored set (for evaluation and feature extraction)."""
+    order = sorted(range(len(episodes)), key=lambda i: len(episodes[i]["actions"]))
+    for i in range(0, len(order), size):
+        yield collate([episodes[j] for j in order[i:i + size]], device)
+
+
+def make_datasets(args: Args) -> dict:
+    """The fixed sets: held-out D, and D* (epsilon = 0) split by episode into train / held-out halves.
+
+    Each set has its own random stream (spawned from the seed), so adding or resizing one never shifts
+    another, and the fresh pretraining stream never repeats them."""
+    ss = np.random.SeedSequence(args.seed).spawn(5)
+    rngs = [np.random.default_rng(s) for s in ss]
+    return {
+        "train_rng": rngs[0],                                                  # fresh pretraining batches
+        "heldout": generate_episodes(rngs[1], args.n_heldout, gw.PRETRAIN_TASKS, args.epsilon),
+        "dstar_train": generate_episodes(rngs[2], args.n_dstar, gw.PRETRAIN_TASKS, 0.0),
+        "dstar_heldout": generate_episodes(rngs[3], args.n_dstar, gw.PRETRAIN_TASKS, 0.0),
+        "eval_seed": int(rngs[4].integers(2 ** 31)),                           # env seeds for rollouts
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. The base model: a causal transformer with an explicit residual stream       [P Sec. 4, App. D.1]
+# ---------------------------------------------------------------------------------------------------
+def relative_buckets(n: int, num_buckets: int, max_distance: int = 128) -> torch.Tensor:
+    """T5-style causal bucketing of the distance d = t_query - t_key >= 0 (Table A16: 32 buckets).
+
+    Distances below num_buckets/2 get their own bucket, larger ones share log-spaced buckets up to
+    max_distance. Attention then depends on *how far back* a step is, never on its absolute time, so the
+    post-training task's ~63-step episodes (pretraining: ~31) use only distances the model has seen."""
+    d = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).clamp(min=0)    # (n, n) query x key
+    exact = num_buckets // 2
+    log_b = exact + (torch.log(d.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                     * (num_buckets - exact)).long()
+    return torch.where(d < exact, d, log_b.clamp(max=num_buckets - 1))       # (n, n) bucket ids
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, args: Args):
+        super().__init__()
+        self.n_head, D = args.n_head, args.n_embd
+        self.c_attn = nn.Linear(D, 3 * D)
+        self.c_proj = nn.Linear(D, D)
+        self.rel_bias = nn.Embedding(args.rel_buckets, args.n_head)            # one learned bias per bucket and head
+        nn.init.zeros_(self.rel_bias.weight)                                    # start as plain causal attention
+
+    def forward(self, x, buckets, cache=None):
+        B, T, D = x.shape
+        q, k, v = self.c_attn(x).split(D, dim=2)
+        q, k, v = (z.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, H, T, hs)
+        t0 = 0
+        if cache is not None:                       # KV cache: append this call's keys/values to the past ones
+            if "k" in cache:
+                t0 = cache["k"].shape[2]
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)   # (B, H, t0+T, hs)
+            cache["k"], cache["v"] = k, v
+        S = k.shape[2]
+        bias = self.rel_bias(buckets[t0:t0 + T, :S]).permute(2, 0, 1)                  # (H, T, S)
+        future = torch.arange(S, device=x.device)[None, :] > torch.arange(t0, t0 + T, device=x.device)[:, None]
+        bias = bias.masked_fill(future, float("-inf"))                                 # causal mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)                    # (B, H, T, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, D))                         # (B, T, D)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block [P D.1.1]: e <- e + Attn(LN(e)); e <- e + MLP(LN(e))."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        D = args.n_embd
+        self.ln_1, self.attn = nn.LayerNorm(D), CausalSelfAttention(args)
+        self.ln_2 = nn.LayerNorm(D)
+        self.mlp = nn.Sequential(nn.Linear(D, args.mlp_mult * D), nn.ReLU(), nn.Linear(args.mlp_mult * D, D))
+
+    def forward(self, x, buckets, cache=None):
+        x = x + self.attn(self.ln_1(x), buckets, cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+# Object type of each of the 12 object channels in index form: the 4 walls share type 8, colours are 0..7.
+OBJ_TYPE = torch.tensor([8] * gw.N_WALLS + list(range(gw.N_COLOURS)))
+N_OFFSETS = (2 * gw.GRID - 1) ** 2          # 13 x 13 possible (row, col) offsets between two cells
+
+
+class GPT(nn.Module):
+    """Causal transformer over one token per time step (the observation) [P Sec. 4, Eq. 5].
+
+    Outputs at step t: action logits for a_t and logits for the agent's cell in o_{t+1}. The residual
+    stream is explicit: forward() returns e_{t,l} for l = 0..L, and a controller ``ctrl`` (a function
+    x -> U x) can be added at layer ``ctrl_layer``: e_{t,l} <- e_{t,l} + U e_{t,l} (Eq. 1), before blocks
+    l+1..L, which are unaware of the intervention."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        D, self.n_layer = args.n_embd, args.n_layer
+        # Agent-centred input embedding (a choice the paper leaves open; see the module docstring):
+        # token = E_agent[agent cell] + sum over the 12 objects of E_obj[object type, offset from the agent].
+        self.agent_emb = nn.Embedding(gw.N_CELLS, D)
+        self.obj_emb = nn.Embedding(9 * N_OFFSETS, D)
+        self.blocks = nn.ModuleList([Block(args) for _ in range(args.n_layer)])
+        self.ln_f = nn.LayerNorm(D)
+        self.action_head = nn.Linear(D, 4)                                       # p(a_t | o_{1:t})
+        self.obs_head = nn.Linear(D, gw.N_CELLS)                                 # p(o_{t+1} | o_{1:t}): agent cell
+        self.register_buffer("buckets", relative_buckets(gw.MAX_STEPS + 1, args.rel_buckets), persistent=False)
+        self.register_buffer("obj_type", OBJ_TYPE.clone(), persistent=False)
+        self.apply(self._init)
+        for b in self.blocks:                   # GPT-2: scale residual-branch outputs by depth
+            for lin in (b.attn.c_proj, b.mlp[2]):
+                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * args.n_layer))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding) and m.weight.shape[1] > 32:
+            nn.init.normal_(m.weight, std=0.02)
+
+    def embed(self, cells):
+        """cells (B, T, 13) -> e_{t,0} (B, T, D)."""
+        agent = cells[..., -1]                                                   # (B, T)
+        obj = cells[..., :-1]                                                    # (B, T, 12)
+        dr = obj // gw.GRID - (agent // gw.GRID)[..., None] + gw.GRID - 1        # (B, T, 12) row offset in 0..12
+        dc = obj % gw.GRID - (agent % gw.GRID)[..., None] + gw.GRID - 1          # (B, T, 12) col offset in 0..12
+        idx = self.obj_type * N_OFFSETS + dr * (2 * gw.GRID - 1) + dc            # (B, T, 12)
+        return self.agent_emb(agent) + self.obj_emb(idx).sum(-2)                 # (B, T, D)
+
+    def forward(self, cells, ctrl=None, ctrl_layer: int = -1, cache=None):
+        """cells (B, T, 13) -> action logits (B, T, 4), next-cell logits (B, T, 49), residuals [L+1 x (B, T, D)].
+
+        ``cache``: a list with one dict per block (``new_cache()``); the call then continues the sequence
+        it holds (rollouts feed one step at a time). ``residuals`` are the uncontrolled e_{t,l}."""
+        x = self.embed(cells)                                                    # e_{t,0}   (B, T, D)
+        residuals = [x]
+        if ctrl is not None and ctrl_layer == 0:
+            x = x + ctrl(x)                                                      # ALGO LOGIC: Eq. 1 at l = 0
+        for l, block in enumerate(self.blocks, start=1):
+            x = block(x, self.buckets, None if cache is None else cache[l - 1])  # e_{t,l}   (B, T, D)
+            residuals.append(x)
+            if ctrl is not None and l == ctrl_layer:
+                x = x + ctrl(x)                                                  # ALGO LOGIC: Eq. 1: e <- e + U e
+        h = self.ln_f(x)
+        return self.action_head(h), self.obs_head(h), residuals
+
+    def new_cache(self) -> list:
+        return [dict() for _ in self.blocks]
+
+
+def masked_ce(logits, target):
+    """Mean cross-entropy over non-padded steps (target -1 = padding)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Rollouts: the frozen model (optionally controlled) acting in the env, with a KV cache
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_layer: int = -1,
+            greedy: bool = False, pretrain_tasks: bool = False) -> dict:
+    """Run n episodes in lock-step, one batched forward per env step (KV cache: no recomputed prefix).
+
+    ``ctrl_fn(x, g)``, if given, is the controller applied at ``ctrl_layer`` given each episode's current
+    ground-truth subgoal g (B, 1) (section 8). Episode i uses env seed ``seed + i`` and, with
+    ``pretrain_tasks``, the pretraining task i mod 16 (so every task is evaluated equally often).
+    Returns success rate, mean task colours visited, mean length."""
+    envs = [gw.GridPinpadEnv() for _ in range(n)]
+    infos = []
+    for i, env in enumerate(envs):
+        t = gw.PRETRAIN_TASKS[i % len(gw.PRETRAIN_TASKS)] if pretrain_tasks else task
+        infos.append(env.reset(seed=seed + i, options={"task": t})[1])
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cache, alive = model.new_cache(), np.ones(n, dtype=bool)
+    steps = np.zeros(n, dtype=np.int64)
+    for _ in range(gw.MAX_STEPS):
+        cells = torch.tensor([env.cells() for env in envs], device=device)[:, None]     # (n, 1, 13)
+        g = torch.tensor([info["subgoal"] for info in infos], device=device)[:, None]   # (n, 1)
+        ctrl = None if ctrl_fn is None else (lambda x: ctrl_fn(x, g))
+        logits, _, _ = model(cells, ctrl, ctrl_layer, cache)                            # (n, 1, 4)
+        if greedy:
+            acts = logits[:, 0].argmax(-1)
+        else:
+            acts = torch.multinomial(F.softmax(logits[:, 0], -1), 1, generator=gen)[:, 0]  # (n,)
+        acts = acts.tolist()
+        for i, env in enumerate(envs):
+            if alive[i]:                 # finished episodes keep feeding their last observation (ignored)
+                _, _, term, trunc, infos[i] = env.step(acts[i])
+                steps[i] += 1
+                alive[i] = not (term or trunc)
+        if not alive.any():
+            break
+    return {"success": float(np.mean([env.success for env in envs])),
+            "colours": float(np.mean([env.progress for env in envs])), "length": float(steps.mean())}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Stage "pretrain": next-action prediction                                   [P Eq. 5, App. C.1]
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def action_metrics(model: GPT, episodes: list, device) -> dict:
+    """Held-out action NLL and accuracy, plus the pair-rule diagnostic of PAPER.md 13.
+
+    ``opt_acc_ambiguous``: argmax is an optimal expert action on steps heading to the *first* colour of a
+    pair (which pair comes next is at best partly known from the history); ``opt_acc_pair``: on steps
+    heading to the *second* colour (fully determined by the colour just visited). A model that tracks
+    the task has pair >> ambiguous; a model of local heuristics has them equal."""
+    model.eval()
+    nll, n, acc, hit = 0.0, 0, 0, {0: [0, 0], 1: [0, 0]}
+    for b in batches_of(episodes, 256, device):
+        logits, _, _ = model(b["cells"])
+        m = b["actions"] >= 0
+        nll += F.cross_entropy(logits[m], b["actions"][m], reduction="sum").item()
+        n += int(m.sum())
+        pred = logits.argmax(-1)
+        acc += int((pred == b["actions"])[m].sum())
+        opt = b["optimal"].gather(-1, pred[..., None])[..., 0]                       # (B, T) argmax optimal?
+        for parity in (0, 1):
+            mm = m & (b["next_colour"] % 2 == parity)
+            hit[parity][0] += int(opt[mm].sum())
+            hit[parity][1] += int(mm.sum())
+    model.train()
+    return {"nll": nll / n, "acc": acc / n, "opt_acc_ambiguous": hit[0][0] / max(hit[0][1], 1),
+            "opt_acc_pair": hit[1][0] / max(hit[1][1], 1)}
+
+
+def pretrain(args: Args, data: dict, device, log: Logger):
+    """Train the base model from scratch on fresh expert batches. Returns (model, metrics)."""
+    path = os.path.join(args.out, "pretrain.pt")
+    fp = fingerprint(args, "pretrain")
+    torch.manual_seed(args.seed)
+    model = GPT(args).to(device)
+    ck = load_ckpt(path, fp, log, "6 pretrain")
+    if ck is not None and ck["finished"]:
+        model.load_state_dict(ck["model"])
+        log("6 pretrain", f"reusing {path} (trained {ck['metrics']['steps']} steps in {ck['metrics']['train_time_s']:.0f}s)")
+        return model, ck["metrics"]
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    rng, step, spent, curve = data["train_rng"], 0, 0.0, []
+    if ck is not None:                       # an interrupted run: resume model, optimiser and data stream
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optim"])
+        rng.bit_generator.state = json.loads(ck["rng"])
+        step, spent, curve = ck["step"], ck["spent"], json.loads(ck["curve"])
+        log("6 pretrain", f"resuming {path} at step {step}")
+    n_params = sum(p.numel() for p in model.parameters())
+    log("6 pretrain", f"{n_params / 1e6:.2f}M parameters, {args.pretrain_steps} steps of {args.batch_size} fresh episodes")
+    stream = fresh_batches(rng, args, device)
+    t0, tokens, t_log = time.time() - spent, 0, time.time()
+    while step < args.pretrain_steps:
+        b = next(stream)
+        for g in opt.param_groups:          # linear warm-up, then constant (Table A4: constant)
+            g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        act_logits, obs_logits, _ = model(b["cells"])
+        # ALGO LOGIC: Eq. 5: -ln p(a_t | o_{1:t}) - lambda ln p(o_{t+1} | o_{1:t})
+        loss_a = masked_ce(act_logits, b["actions"])
+        loss_o = masked_ce(obs_logits, b["next_cell"])
+        loss = loss_a + args.obs_coef * loss_o
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        step += 1
+        tokens += int((b["actions"] >= 0).sum())
+        if step % args.log_every == 0 or step == args.pretrain_steps:
+            tps = tokens / (time.time() - t_log)
+            log("6 pretrain", f"step {step}/{args.pretrain_steps} | loss {loss_a.item():.3f} | obs {loss_o.item():.3f} "
+                f"| {tps / 1e3:.1f}k tok/s | {eta(t0, step, args.pretrain_steps)}", step=step, loss=loss_a.item())
+            tokens, t_log = 0, time.time()
+        if step % args.eval_every == 0 or step == args.pretrain_steps:
+            te = time.time()
+            m = action_metrics(model, data["heldout"], device)
+            pr = probe_all(model, data["dstar_heldout"][:1000], [0, args.n_layer // 2], device, steps=200, lr=args.probe_lr)
+            curve.append({"step": step, "minutes": (time.time() - t0) / 60, **m, "probe_l0": pr[0], "probe_mid": pr[1]})
+            log("6 pretrain", f"eval step {step} | nll {m['nll']:.3f} | acc {m['acc']:.3f} | optimal-action acc "
+                f"ambiguous {m['opt_acc_ambiguous']:.3f} / pair-determined {m['opt_acc_pair']:.3f} | probe "
+                f"layer 0 {pr[0]:.3f} -> layer {args.n_layer // 2} {pr[1]:.3f} ({time.time() - te:.0f}s)", **curve[-1])
+            t0 += time.time() - te          # evaluation time does not count as training time
+            save_ckpt(path, {"fingerprint": fp, "finished": False, "model": model.state_dict(),
+                             "optim": opt.state_dict(), "rng": json.dumps(rng.bit_generator.state), "step": step,
+                             "spent": time.time() - t0, "curve": json.dumps(curve)})
+    m = action_metrics(model, data["heldout"], device)
+    metrics = {"steps": step, "episodes": step * args.batch_size, "heldout_nll": m["nll"], "heldout_acc": m["acc"],
+               "opt_acc_ambiguous": m["opt_acc_ambiguous"], "opt_acc_pair": m["opt_acc_pair"],
+               "train_time_s": time.time() - t0, "n_params": n_params, "curve": curve}
+    save_ckpt(path, {"fingerprint": fp, "finished": True, "model": model.state_dict(), "metrics": metrics})
+    return model, metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Stage "probe": linear probes of the current subgoal                 [P Sec. 5.1, Eq. 6-7, Fig. 3/A1]
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def residual_features(model: GPT, episodes: list, device) -> tuple:
+    """Residuals of every real step at every layer: ([L+1 x (N, D)], subgoal labels (N,), episode id (N,))."""
+    model.eval()
+    feats, labels = [[] for _ in range(model.n_layer + 1)], []
+    for b in batches_of(episodes, 256, device):
+        _, _, res = model(b["cells"])
+        m = b["subgoals"] >= 0
+        for l, e in enumerate(res):
+            feats[l].append(e[m])                                               # (n_real, D)
+        labels.append(b["subgoals"][m])
+    model.train()
+    return [torch.cat(f) for f in feats], torch.cat(labels)
+
+
+def train_probe(x_tr, y_tr, x_te, y_te, steps: int, lr: float) -> float:
+    """Softmax probe p(g | e) = softmax(W e + b) (Eq. 6-7), full-batch AdamW; returns held-out accuracy."""
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-5                                  # standardise (train stats)
+    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
+    probe = nn.Linear(x_tr.shape[1], gw.N_SUBGOALS).to(x_tr.device)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        loss = F.cross_entropy(probe(x_tr), y_tr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float((probe(x_te).argmax(-1) == y_te).float().mean())
+
+
+def probe_all(model: GPT, episodes: list, layers: list, device, steps: int, lr: float) -> list:
+    """Held-out probe accuracy at each layer; episodes split in halves (by episode, never by step)."""
+    half = len(episodes) // 2
+    f_tr, y_tr = residual_features(model, episodes[:half], device)
+    f_te, y_te = residual_features(model, episodes[half:], device)
+    with torch.random.fork_rng():          # probes must not shift the caller's random stream
+        torch.manual_seed(0)
+        return [train_probe(f_tr[l], y_tr, f_te[l], y_te, steps, lr) for l in layers]
+
+
+def probe_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
+    path = os.path.join(args.out, "probe.pt")
+    fp = fingerprint(args, "probe")
+    ck = load_ckpt(path, fp, log, "7 probe")
+    if ck is not None:
+        log("7 probe", f"reusing {path}")
+        return ck["metrics"]
+    t0 = time.time()
+    acc = probe_all(model, data["dstar_heldout"][:args.n_probe], list(range(args.n_layer + 1)), device, args.probe_steps, args.probe_lr)
+    for l, a in enumerate(acc):
+        log("7 probe", f"layer {l}: held-out subgoal accuracy {a:.3f} (chance 0.25)")
+    mid = args.n_layer // 2
+    log("7 probe", f"gap layer {mid} - layer 0 = {acc[mid] - acc[0]:+.3f} ({time.time() - t0:.0f}s)")
+    metrics = {"probe_accuracy": acc, "probe_gap_mid": acc[mid] - acc[0], "train_time_s": time.time() - t0}
+    save_ckpt(path, {"fingerprint": fp, "metrics": metrics})
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. Stage "controllers": ground-truth residual-stream controllers        [P Eq. 1, Sec. 5.2, Fig. 4, Table A7]
+# ---------------------------------------------------------------------------------------------------
+# One linear controller per subgoal g, U^(g) = A_g B_g^T with A_g, B_g in R^{D x r} (rank <= r = 16).
+# During training and evaluation the ground-truth subgoal g_t picks U_t = U^(g_t), and the frozen model
+# runs with e_{t,l} <- e_{t,l} + U_t e_{t,l} at one layer l. If the residual stream encodes the subgoal
+# linearly, such a U can *steer* the model toward it, and switching controllers in the right order
+# should solve subgoal orders never seen in pretraining (the post-training task).
+
+def apply_controller(x, A, Bm):
+    """U x with U = A B^T, without forming U: x (..., D), A and Bm (..., D, r) -> (..., D)."""
+    coef = torch.einsum("...d,...dr->...r", x, Bm)                               # B^T x    (..., r)
+    return torch.einsum("...dr,...r->...d", A, coef)                             # A B^T x  (..., D)
+
+
+class SubgoalControllers(nn.Module):
+    """K low-rank controllers, selected per step by the subgoal id g (B, T).
+
+    A starts at 0 (so U = 0, the exact identity, at initialisation, as in LoRA); B starts random."""
+
+    def __init__(self, K: int, D: int, rank: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.zeros(K, D, rank))                           # (K, D, r)
+        self.B = nn.Parameter(torch.randn(K, D, rank) / math.sqrt(D))            # (K, D, r)
+
+    def forward(self, x, g):
+        """x (B, T, D), g (B, T) -> U^(g_t) x_t (B, T, D).
+
+        Same as ``apply_controller(x, self.A[g], self.B[g])``, but without copying a (D, r) pair of factors
+        for every step: apply all K controllers' B^T, keep the selected one, then apply A."""
+        onehot = F.one_hot(g, self.A.shape[0]).to(x.dtype)                       # (B, T, K)
+        coef = torch.einsum("btd,kdr->btkr", x, self.B) * onehot[..., None]      # B_g^T x   (B, T, K, r)
+        return torch.einsum("btkr,kdr->btd", coef, self.A)                       # ALGO LOGIC: U_t x = A_g B_g^T x
+
+    def U(self, k: int):
+        return self.A[k] @ self.B[k].T                                           # (D, D), rank <= r
+
+
+def train_controllers(args: Args, model: GPT, layer: int, episodes: list, device, log: Logger) -> SubgoalControllers:
+    """Minimise sum_t -ln p(a_t | o_{1:t}, g_t) on D* with the base model frozen (only A, B train)."""
+    ctrl = SubgoalControllers(gw.N_SUBGOALS, args.n_embd, args.ctrl_rank).to(device)
+    opt = torch.optim.AdamW(ctrl.parameters(), lr=args.ctrl_lr, weight_decay=args.weight_decay)
+    rng = np.random.default_rng(args.seed + 100 + layer)
+    t0 = time.time()
+    for step in range(1, args.ctrl_steps + 1):
+        idx = rng.integers(len(episodes), size=args.ctrl_batch)
+        b = collate([episodes[i] for i in idx], device)
+        g = b["subgoals"].clamp(min=0)                                           # padding -> any id (masked)
+        logits, _, _ = model(b["cells"], lambda x: ctrl(x, g), layer)
+        loss = masked_ce(logits, b["actions"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()                  # the base model's parameters have requires_grad=False: frozen
+        opt.step()
+        if step % args.log_every == 0 or step == args.ctrl_steps:
+            log("8 controllers", f"layer {layer} step {step}/{args.ctrl_steps} | nll {loss.item():.3f} | "
+                f"{eta(t0, step, args.ctrl_steps)}", layer=layer, step=step, nll=loss.item())
+    return ctrl
+
+
+@torch.no_grad()
+def controlled_nll(model: GPT, ctrl, layer: int, episodes: list, device) -> float:
+    total, n = 0.0, 0
+    for b in batches_of(episodes, 256, device):
+        g = b["subgoals"].clamp(min=0)
+        logits, _, _ = model(b["cells"], None if ctrl is None else (lambda x: ctrl(x, g)), layer)
+        m = b["actions"] >= 0
+        total += F.cross_entropy(logits[m], b["actions"][m], reduction="sum").item()
+        n += int(m.sum())
+    return total / n
+
+
+def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
+    path = os.path.join(args.out, "controllers.pt")
+    fp = fingerprint(args, "controllers")
+    ck = load_ckpt(path, fp, log, "8 controllers")
+    if ck is not None:
+        log("8 controllers", f"reusing {path}")
+        return ck["metrics"]
+    t0, seed = time.time(), data["eval_seed"]
+    ev = dict(n=args.n_eval, device=device, greedy=args.greedy)
+    base_pre = rollout(model, None, seed=seed, pretrain_tasks=True, **ev)
+    base_post = rollout(model, gw.POSTTRAIN_TASK, seed=seed + 10 ** 6, **ev)
+    log("8 controllers", f"base model alone: success pretraining tasks {base_pre['success']:.3f}, "
+        f"post-training task {base_post['success']:.3f} ({base_post['colours']:.1f} of 12 colours)")
+    layers = ctrl_layers(args)
+    per_layer, states = {}, {}
+    for layer in layers:
+        ctrl = train_controllers(args, model, layer, data["dstar_train"], device, log)
+        nll = controlled_nll(model, ctrl, layer, data["dstar_heldout"][:2000], device)
+        fn = lambda x, g, c=ctrl: c(x, g)
+        pre = rollout(model, None, seed=seed, pretrain_tasks=True, ctrl_fn=fn, ctrl_layer=layer, **ev)
+        post = rollout(model, gw.POSTTRAIN_TASK, seed=seed + 10 ** 6, ctrl_fn=fn, ctrl_layer=layer, **ev)
+        per_layer[layer] = {"nll": nll, "pretrain": pre, "posttrain": post}
+        states[str(layer)] = ctrl.state_dict()
+        log("8 controllers", f"layer {layer}: held-out D* nll {nll:.3f} | success pretraining tasks "
+            f"{pre['success']:.3f} | post-training task {post['success']:.3f} ({post['colours']:.1f} of 12 colours) "
+            f"| {eta(t0, layers.index(layer) + 1, len(layers))}", layer=layer, **{k: v['success'] for k, v in
+                                                                                  (('pretrain', pre), ('posttrain', post))})
+    L1 = args.n_layer + 1
+    metrics = {
+        "base_success": base_post["success"], "base_success_pretrain": base_pre["success"],
+        "base_nll": controlled_nll(model, None, -1, data["dstar_heldout"][:2000], device),
+        "controller_success": [per_layer[l]["posttrain"]["success"] if l in per_layer else None for l in range(L1)],
+        "controller_success_pretrain": [per_layer[l]["pretrain"]["success"] if l in per_layer else None for l in range(L1)],
+        "controller_colours": [per_layer[l]["posttrain"]["colours"] if l in per_layer else None for l in range(L1)],
+        "controller_nll": [per_layer[l]["nll"] if l in per_layer else None for l in range(L1)],
+        "eval_episodes": args.n_eval, "eval_greedy": args.greedy, "train_time_s": time.time() - t0,
+    }
+    save_ckpt(path, {"fingerprint": fp, "metrics": metrics, "controllers": states})
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# 12. Figures
+# ---------------------------------------------------------------------------------------------------
+def make_figures(args: Args, results: dict) -> list:
+    """PNG figures in the run folder: probe accuracy by layer (Fig. A1), controller success by layer (Fig. 4)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    if "probe_accuracy" in results:
+        acc = results["probe_accuracy"]
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        ax.plot(range(len(acc)), acc, "o-", color="C0")
+        ax.axhline(0.25, ls=":", color="grey", label="chance")
+        ax.set(xlabel="layer l (0 = embedding)", ylabel="held-out accuracy", title="Linear probe of the current subgoal",
+               xticks=range(len(acc)), ylim=(0, 1))
+        ax.legend(frameon=False)
+        fig.tight_layout()
+        paths.append(os.path.join(args.out, "probe_accuracy.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    if "controller_success" in results:
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        L1 = len(results["controller_success"])
+        for key, label, c in (("controller_success_pretrain", "pretraining tasks", "C0"),
+                              ("controller_success", "post-training task", "C3")):
+            xs = [l for l in range(L1) if results[key][l] is not None]
+            ax.plot(xs, [results[key][l] for l in xs], "o-", color=c, label=f"controllers, {label}")
+        ax.axhline(results["base_success_pretrain"], ls="--", color="C0", alpha=0.6, label="base alone, pretraining")
+        ax.axhline(results["base_success"], ls="--", color="C3", alpha=0.6, label="base alone, post-training")
+        ax.set(xlabel="controlled layer l", ylabel="success rate", title="Ground-truth subgoal controllers",
+               xticks=range(L1), ylim=(0, 1))
+        ax.legend(frameon=False, fontsize=7)
+        fig.tight_layout()
+        paths.append(os.path.join(args.out, "controller_success.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------
+# 13. main(): the stages in order
+# ---------------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    seed_everything(args.seed)
+    log = Logger(args.out)
+    log("1 args", " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
+    t_start, stage_time = time.time(), {}
+    results = {"task": args.task, "seed": args.seed, "device": str(device), "args": dataclasses.asdict(args)}
+
+    def write_results():
+        results["wall_time_s"] = time.time() - t_start
+        results["stage_time_s"] = stage_time
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+    t = time.time()
+    data = make_datasets(args)
+    stage_time["data"] = time.time() - t
+    log("3 data", f"held-out D {len(data['heldout'])} episodes, D* {len(data['dstar_train'])} train + "
+        f"{len(data['dstar_heldout'])} held-out ({stage_time['data']:.1f}s)")
+
+    t = time.time()
+    model, m = pretrain(args, data, device, log)
+    stage_time["pretrain"] = time.time() - t
+    results["pretrain"] = m
+    for p in model.parameters():               # frozen from here on
+        p.requires_grad_(False)
+    model.eval()
+    write_results()
+    if args.stop_after == "pretrain":
+        return results
+
+    t = time.time()
+    results.update({k: v for k, v in probe_stage(args, model, data, device, log).items() if k != "train_time_s"})
+    stage_time["probe"] = time.time() - t
+    write_results()
+    if args.stop_after == "probe":
+        make_figures(args, results)
+        return results
+
+    t = time.time()
+    results.update({k: v for k, v in controller_stage(args, model, data, device, log).items() if k != "train_time_s"})
+    stage_time["controllers"] = time.time() - t
+    figs = make_figures(args, results)
+    write_results()
+    mid = args.n_layer // 2
+    log("13 main", f"done in {results['wall_time_s'] / 60:.1f} min | probe layer 0 {results['probe_accuracy'][0]:.3f} -> "
+        f"layer {mid} {results['probe_accuracy'][mid]:.3f} | controllers at layer {mid}: pretraining tasks "
+        f"{results['controller_success_pretrain'][mid]} / post-training {results['controller_success'][mid]} | "
+        f"base alone {results['base_success_pretrain']:.3f} / {results['base_success']:.3f} | figures: {', '.join(figs)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""Tests: env contracts, model invariants, numerical references, and small runs that must learn.
+
+Run with ``pytest -q test_internal_rl.py`` (about a minute on a 2-core CPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import gymnasium as gym
+from gymnasium.utils.env_checker import check_env
+
+import gridworld as gw
+import internal_rl as ir
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--n-embd", "32", "--n-layer", "2", "--n-head", "2", "--batch-size", "32", "--bucket-batches", "2",
+        "--n-heldout", "64", "--n-dstar", "64", "--probe-steps", "30", "--ctrl-steps", "10", "--ctrl-batch", "16",
+        "--n-eval", "16", "--log-every", "1000", "--eval-every", "1000", "--warmup", "10"]
+
+
+def tiny_args(**kw) -> ir.Args:
+    a = ir.Args(n_embd=32, n_layer=2, n_head=2, batch_size=32, bucket_batches=2, n_heldout=64, n_dstar=64,
+                probe_steps=30, ctrl_steps=10, ctrl_batch=16, n_eval=16, log_every=1000, eval_every=1000, warmup=10)
+    return ir.Args(**{**a.__dict__, **kw})
+
+
+# ------------------------------------------------------------------------------------------- the env
+def test_check_env_passes():
+    check_env(gw.GridPinpadEnv(), skip_render_check=True)
+    env = gym.make("GridPinpad-v0", render_mode="rgb_array")
+    env.reset(seed=0)
+    img = env.render()
+    assert img.shape == (7 * 24, 7 * 24, 3) and img.dtype == np.uint8
+    env = gym.make("GridPinpad-v0", render_mode="ansi")
+    env.reset(seed=0)
+    assert "task" in env.render()
+
+
+def test_observation_is_walls_colours_agent_only():
+    env = gw.GridPinpadEnv()
+    obs, info = env.reset(seed=3, options={"task": gw.PRETRAIN_TASKS[0]})
+    grid = obs.reshape(gw.N_CELLS, gw.N_CHANNELS)
+    assert obs.shape == (637,) and grid.sum(0).tolist() == [1.0] * 13      # exactly one of each channel
+    # the same layout under another task gives the same observation: no task information
+    env2 = gw.GridPinpadEnv()
+    obs2, _ = env2.reset(seed=3, options={"task": gw.PRETRAIN_TASKS[5]})
+    if env2.colour_cells == env.colour_cells and env2.agent == env.agent:
+        assert np.array_equal(obs, obs2)
+    # progress does not show: after visiting colours, the observation is a function of the layout and
+    # the agent's cell only
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        a = env.expert_action(rng)
+        obs, r, term, trunc, info = env.step(a)
+        assert np.array_equal(obs, gw.observation_from_cells(env.wall_cells, env.colour_cells, env.agent))
+        if term:
+            break
+    assert info["visited"] >= 1
+
+
+def test_observation_changes_when_agent_moves():
+    env = gw.GridPinpadEnv()
+    obs, _ = env.reset(seed=1)
+    moved = 0
+    for a in range(4):
+        before = env.agent
+        o2, *_ = env.step(a) if True else None
+        if env.agent != before:
+            moved += 1
+            assert not np.array_equal(obs, o2)
+            assert o2.reshape(49, 13)[env.agent, gw.AGENT_CHANNEL] == 1
+        obs = o2
+        if env.failed:
+            break
+    assert moved >= 1
+
+
+@pytest.mark.parametrize("task", list(gw.PRETRAIN_TASKS) + [gw.POSTTRAIN_TASK])
+def test_expert_completes_every_task_in_the_env(task):
+    env, rng = gw.GridPinpadEnv(), np.random.default_rng(0)
+    wins = 0
+    for ep in range(20):
+        env.reset(seed=ep, options={"task": task})
+        while True:
+            _, r, term, trunc, info = env.step(env.expert_action(rng))
+            if term or trunc:
+                break
+        assert not env.failed, "the expert must never step on a wrong colour"
+        wins += info["success"] and r == 1.0
+    assert wins >= 19          # the only allowed failure is a time-out (possible on the 12-colour task)
+
+
+def test_fast_expert_episode_follows_env_dynamics():
+    for seed in range(5):
+        ep = gw.expert_episode(np.random.default_rng(seed), gw.PRETRAIN_TASKS[seed])
+        env = gw.GridPinpadEnv()
+        env.reset(seed=seed, options={"task": gw.PRETRAIN_TASKS[seed]})    # same seed -> same layout
+        assert env.cells() == ep["cells"][0].tolist()
+        for t, a in enumerate(ep["actions"]):
+            assert ep["subgoals"][t] == env.subgoal and ep["optimal"][t, a]
+            _, r, term, trunc, info = env.step(int(a))
+            assert env.cells() == ep["cells"][t + 1].tolist()
+        assert term and info["success"] and ep["success"]
+
+
+def test_wrong_colour_terminates_with_zero_reward():
+    env = gw.GridPinpadEnv()
+    env.reset(seed=0, options={"task": gw.PRETRAIN_TASKS[0]})
+    wrong = env.colour_cells[3]                      # colour 3 is not the first colour (0) of task 0
+    env.agent = next(c for c in range(49) if env.kind[c] == -1 and wrong in gw.NEXT[c].tolist())
+    a = gw.NEXT[env.agent].tolist().index(wrong)
+    _, r, term, trunc, info = env.step(a)
+    assert term and not trunc and r == 0.0 and not info["success"] and env.failed
+
+
+def test_truncation_at_100_steps():
+    env = gw.GridPinpadEnv()
+    env.reset(seed=0)
+    for t in range(100):
+        # bump into the grid's edge or a wall forever (never reaches a colour)
+        a = next((a for a in range(4) if gw.NEXT[env.agent][a] == env.agent), None)
+        if a is None:
+            pytest.skip("start cell not on an edge")
+        _, r, term, trunc, _ = env.step(a)
+    assert trunc and not term and r == 0.0
+
+
+def test_expert_noise_stays_safe():
+    rng = np.random.default_rng(0)
+    eps = [gw.expert_episode(rng, gw.PRETRAIN_TASKS[i % 16], epsilon=0.2) for i in range(100)]
+    assert all(ep["success"] for ep in eps)
+    clean = [gw.expert_episode(rng, gw.PRETRAIN_TASKS[i % 16]) for i in range(100)]
+    assert np.mean([len(e["actions"]) for e in eps]) > np.mean([len(e["actions"]) for e in clean])
+
+
+# ------------------------------------------------------------------------------------------ the model
+@pytest.fixture(scope="module")
+def model_and_batch():
+    args = tiny_args()
+    torch.manual_seed(0)
+    model = ir.GPT(args)
+    # non-zero relative biases, so the tests also cover them
+    for b in model.blocks:
+        torch.nn.init.normal_(b.attn.rel_bias.weight, std=0.5)
+    eps = ir.generate_episodes(np.random.default_rng(0), 6, gw.PRETRAIN_TASKS, 0.0)
+    return args, model.eval(), ir.collate(eps, "cpu")
+
+
+def test_transformer_is_causal(model_and_batch):
+    args, model, b = model_and_batch
+    cells = b["cells"].clone()
+    a1, o1, r1 = model(cells)
+    t = 5
+    cells[:, t + 1:, -1] = (cells[:, t + 1:, -1] + 7) % 49                  # change every step after t
+    a2, o2, r2 = model(cells)
+    assert torch.equal(a1[:, :t + 1], a2[:, :t + 1]) and torch.equal(o1[:, :t + 1], o2[:, :t + 1])
+    assert not torch.allclose(a1[:, t + 1:], a2[:, t + 1:])
+    for l in range(args.n_layer + 1):
+        assert torch.equal(r1[l][:, :t + 1], r2[l][:, :t + 1])
+
+
+def test_kv_cache_matches_full_forward(model_and_batch):
+    _, model, b = model_and_batch
+    full, _, _ = model(b["cells"])
+    cache, steps = model.new_cache(), []
+    for t in range(b["cells"].shape[1]):
+        logits, _, _ = model(b["cells"][:, t:t + 1], cache=cache)
+        steps.append(logits)
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_zero_controller_is_exact_identity_and_nonzero_steers(model_and_batch):
+    args, model, b = model_and_batch
+    ctrl = ir.SubgoalControllers(gw.N_SUBGOALS, args.n_embd, args.ctrl_rank)   # A = 0 at init
+    g = b["subgoals"].clamp(min=0)
+    base, _, _ = model(b["cells"])
+    for layer in range(args.n_layer + 1):
+        same, _, _ = model(b["cells"], lambda x: ctrl(x, g), layer)
+        assert torch.equal(same, base)
+    with torch.no_grad():
+        ctrl.A.normal_()
+    moved, _, _ = model(b["cells"], lambda x: ctrl(x, g), 1)
+    assert not torch.allclose(moved, base, atol=1e-3)
+
+
+def test_controller_is_low_rank_and_matches_explicit_matrix():
+    D, r = 32, 16
+    ctrl = ir.SubgoalControllers(4, D, r)
+    with torch.no_grad():
+        ctrl.A.normal_()
+    x, g = torch.randn(3, 7, D), torch.randint(0, 4, (3, 7))
+    out = ctrl(x, g)
+    for k in range(4):
+        U = ctrl.U(k)
+        assert torch.linalg.matrix_rank(U) <= r
+        ref = x @ U.T                                                          # U e for every step
+        assert torch.allclose(out[g == k], ref[g == k], atol=1e-5)
+    # the general helper: e + U e with per-step factors
+    A, Bm = torch.randn(3, 7, D, r), torch.randn(3, 7, D, r)
+    ref = torch.einsum("btij,btj->bti", A @ Bm.transpose(-1, -2), x)
+    assert torch.allclose(ir.apply_controller(x, A, Bm), ref, atol=1e-4)
+
+
+def test_relative_buckets_are_monotone_and_bounded():
+    b = ir.relative_buckets(101, 32)
+    d = b[100]                                       # distances 100..0 from the last query
+    assert b.max() == 31 and b[:, 0].tolist()[:16] == list(range(16))
+    assert all(d[i] >= d[i + 1] for i in range(100))
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_tiny_pretraining_lowers_heldout_nll_and_is_deterministic(tmp_path):
+    args = tiny_args(pretrain_steps=60, out=str(tmp_path / "a"), lr=3e-3)
+    log = ir.Logger(args.out)
+    data = ir.make_datasets(args)
+    torch.manual_seed(args.seed)
+    before = ir.action_metrics(ir.GPT(args), data["heldout"], "cpu")["nll"]
+    model, m = ir.pretrain(args, data, "cpu", log)
+    assert m["heldout_nll"] < before - 0.1
+    args_b = tiny_args(pretrain_steps=60, out=str(tmp_path / "b"), lr=3e-3)
+    _, m2 = ir.pretrain(args_b, ir.make_datasets(args_b), "cpu", ir.Logger(args_b.out))
+    assert m2["heldout_nll"] == m["heldout_nll"]                             # same seed, same numbers
+
+
+def test_controller_training_touches_only_the_controller(tmp_path):
+    args = tiny_args(out=str(tmp_path))
+    torch.manual_seed(0)
+    model = ir.GPT(args)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    eps = ir.generate_episodes(np.random.default_rng(1), 32, gw.PRETRAIN_TASKS, 0.0)
+    ctrl = ir.train_controllers(args, model, 1, eps, "cpu", ir.Logger(args.out))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert ctrl.A.abs().sum() > 0                                              # the controller did train
+
+
+def test_probe_finds_a_planted_signal():
+    torch.manual_seed(0)
+    y = torch.randint(0, 4, (2000,))
+    x = torch.randn(2000, 16)
+    x[:, 3] += 2.0 * y.float()                      # subgoal linearly decodable from one direction
+    acc = ir.train_probe(x[:1000], y[:1000], x[1000:], y[1000:], steps=200, lr=1e-2)
+    chance = ir.train_probe(torch.randn(1000, 16), y[:1000], torch.randn(1000, 16), y[1000:], steps=200, lr=1e-2)
+    assert acc > 0.8 and chance < 0.35
+
+
+# ------------------------------------------------------------------------------------- the program
+def test_end_to_end_tiny_run_and_reuse(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    res = ir.main(TINY + ["--pretrain-steps", "20", "--out", out])
+    for key in ("task", "seed", "device", "wall_time_s", "stage_time_s", "pretrain", "probe_accuracy",
+                "controller_success", "controller_success_pretrain", "base_success", "base_success_pretrain"):
+        assert key in res
+    assert len(res["probe_accuracy"]) == 3 and len(res["controller_success"]) == 3
+    assert json.load(open(os.path.join(out, "results.json")))["seed"] == 0
+    assert os.path.exists(os.path.join(out, "controller_success.png"))
+    capsys.readouterr()
+    res2 = ir.main(TINY + ["--pretrain-steps", "20", "--out", out])                # same settings: reuse
+    txt = capsys.readouterr().out
+    assert txt.count("reusing") == 3 and res2["probe_accuracy"] == res["probe_accuracy"]
+    ir.main(TINY + ["--pretrain-steps", "20", "--out", out, "--ctrl-steps", "5"])  # only controllers change
+    txt = capsys.readouterr().out
+    assert txt.count("reusing") == 2 and "other settings" in txt
+
+
+def test_corrupt_checkpoint_is_reported_with_the_fix(tmp_path):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    with open(os.path.join(out, "pretrain.pt"), "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        ir.main(TINY + ["--pretrain-steps", "5", "--out", out, "--stop-after", "pretrain"])
+    assert "pretrain.pt" in str(e.value) and "delete it" in str(e.value)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--task", "maze"], "valid choices: grid, ant"),
+    (["--stop-after", "nope"], "valid choices: pretrain, probe, controllers"),
+    (["--n-embd", "0"], "must be positive"),
+    (["--ctrl-layers", "9"], "0..4"),
+])
+def test_bad_input_exits_with_one_line(argv, needle):
+    with pytest.raises(SystemExit) as e:
+        ir.parse_args(argv)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_task_from_the_command_line_has_no_traceback():
+    p = subprocess.run([sys.executable, os.path.join(HERE, "internal_rl.py"), "--task", "maze"],
+                       capture_output=True, text=True, cwd=HERE, timeout=60)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "valid choices: grid, ant" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

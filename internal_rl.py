@@ -84,6 +84,9 @@ import gridworld as gw
 # ---------------------------------------------------------------------------------------------------
 # 1. Args: every setting, with per-task defaults
 # ---------------------------------------------------------------------------------------------------
+# Every tunable number of the file lives here, grouped by the section that uses it; `--help` prints the
+# same text. Per-task overrides sit in TASK_PRESETS just below, so the grid and (later) ant defaults can
+# be compared in one place. The defaults are what the README's numbers were measured with.
 def arg(default, help: str):
     """A dataclass field that carries its own --help text."""
     return field(default=default, metadata={"help": help})
@@ -112,9 +115,10 @@ class Args:
     mlp_mult: int = arg(4, "MLP hidden = mlp_mult * n_embd (ReLU, as Table A16)")
     rel_buckets: int = arg(32, "relative-position attention-bias buckets (Table A16: 32)")
     # -- pretraining (section 6) --
-    pretrain_steps: int = arg(8000, "optimiser steps; every batch is fresh expert data")
+    pretrain_steps: int = arg(9600, "optimiser steps; every batch is fresh expert data")
     lr: float = arg(2e-3, "AdamW learning rate (Table A4: 3e-4 at batch 1024)")
     warmup: int = arg(200, "linear learning-rate warm-up steps, then constant (Table A4: constant)")
+    cooldown: float = arg(0.3, "fraction of the final steps over which the learning rate decays linearly to 0")
     weight_decay: float = arg(0.03, "AdamW weight decay (Table A4)")
     obs_coef: float = arg(0.01, "lambda in Eq. 5: weight of the next-observation loss (Table A4: [0, 0.01])")
     grad_clip: float = arg(1.0, "gradient-norm clip")
@@ -122,10 +126,10 @@ class Args:
     # -- probes (section 7) --
     n_probe: int = arg(4000, "held-out D* episodes for the probes (half to fit, half to score)")
     probe_steps: int = arg(300, "full-batch AdamW steps per layer probe")
-    probe_lr: float = arg(1e-2, "probe learning rate (features are standardised first)")
+    probe_lr: float = arg(5e-2, "probe learning rate (features are standardised; 1e-2 under-fits in 300 steps)")
     # -- controllers (section 8) --
     ctrl_rank: int = arg(16, "rank r of each controller U = A B^T (Table A7: 16)")
-    ctrl_steps: int = arg(1000, "optimiser steps per layer (Table A7: 3200 at batch 512)")
+    ctrl_steps: int = arg(400, "optimiser steps per layer (Table A7: 3200 at batch 512; ours plateau by ~300)")
     ctrl_batch: int = arg(128, "episodes of D* per controller batch")
     ctrl_lr: float = arg(3e-3, "controller learning rate (Table A7: 1e-3)")
     ctrl_layers: str = arg("all", "layers to train controllers at: 'all' (0..L) or a comma list, e.g. '2'")
@@ -162,8 +166,8 @@ def parse_args(argv=None) -> Args:
         sys.exit(f"internal_rl.py: error: unknown --stop-after {args.stop_after!r}; valid choices: {', '.join(STAGES)}")
     for f in dataclasses.fields(Args):
         v = getattr(args, f.name)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name not in ("seed", "epsilon", "obs_coef",
-                                                                                        "weight_decay", "warmup", "threads"):
+        may_be_zero = ("seed", "epsilon", "obs_coef", "weight_decay", "warmup", "cooldown", "threads")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name not in may_be_zero:
             if v <= 0:
                 sys.exit(f"internal_rl.py: error: --{f.name.replace('_', '-')} must be positive, got {v}")
     if not 0.0 <= args.epsilon < 1.0:
@@ -190,6 +194,10 @@ def ctrl_layers(args: Args) -> list:
 # ---------------------------------------------------------------------------------------------------
 # 2. Plumbing: seeding, logging, checkpoints that know their settings          # BOILERPLATE
 # ---------------------------------------------------------------------------------------------------
+# Nothing in this section is part of the method; it is here so that runs are reproducible (one seed fixes
+# every number on the CPU), observable (a log line with throughput and ETA at fixed intervals, the same
+# lines as JSON in metrics.jsonl) and restartable (each stage saves a checkpoint tagged with a fingerprint
+# of the settings it depends on; a rerun reuses it, a changed setting retrains it and what follows).
 class Logger:
     """Print-first logging: one fixed-format line per event, also appended to metrics.jsonl."""
 
@@ -215,7 +223,8 @@ def eta(t0: float, done: int, total: int) -> str:
 # --ctrl-lr retrains only the controllers.
 STAGE_FIELDS = {
     "pretrain": ("task", "seed", "epsilon", "batch_size", "bucket_batches", "n_layer", "n_head", "n_embd",
-                 "mlp_mult", "rel_buckets", "pretrain_steps", "lr", "warmup", "weight_decay", "obs_coef", "grad_clip"),
+                 "mlp_mult", "rel_buckets", "pretrain_steps", "lr", "warmup", "cooldown", "weight_decay", "obs_coef",
+                 "grad_clip"),
     "probe": ("n_dstar", "n_probe", "probe_steps", "probe_lr"),
     "controllers": ("n_dstar", "ctrl_rank", "ctrl_steps", "ctrl_batch", "ctrl_lr", "ctrl_layers", "n_eval", "greedy"),
 }
@@ -259,8 +268,12 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. Data: expert trajectories D and D*, length-bucketed batches
+# 3. Data: expert trajectories D and D*, length-bucketed batches               [P App. C.1.1, C.4.4]
 # ---------------------------------------------------------------------------------------------------
+# D: expert trajectories on the 16 pretraining tasks (the expert may be epsilon-noisy); used to pretrain.
+# D*: the same, always with epsilon = 0 ("more optimal"); used for controllers (and, next, the
+#     metacontroller), which the paper finds need cleaner demonstrations than the base model does.
+# With the default epsilon = 0 the two are equally distributed but drawn from separate random streams.
 # Each episode is stored compactly (gridworld.expert_episode):
 #   cells    (T+1, 13) int  observation o_1..o_{T+1} in index form: cells of walls 0..3, colours 0..7, agent
 #   actions  (T,)      int  a_1..a_T
@@ -337,6 +350,25 @@ def make_datasets(args: Args) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # 4. The base model: a causal transformer with an explicit residual stream       [P Sec. 4, App. D.1]
 # ---------------------------------------------------------------------------------------------------
+# The paper's base model is an ordinary autoregressive sequence model: one token per time step (the
+# embedded observation o_t), causal self-attention over the past, and at every step a distribution over
+# the action a_t and over the next observation o_{t+1} (Eq. 5). No action tokens enter the input: in
+# this env the previous action can be read off o_{t-1}, o_t.
+#
+# What matters for the rest of the paper is the *residual stream*: every pre-norm block reads the running
+# vector e_{t,l-1} and adds its output to it, e_{t,l} = e_{t,l-1} + attn(...) + mlp(...). So the stream
+# is a shared workspace that all later blocks read, and a linear edit of it at one depth (section 8) is
+# seen by every block above. forward() below keeps that loop in plain sight.
+#
+#   Symbol      | Shape      | Meaning
+#   cells       | (B, T, 13) | observations o_1..o_T in index form (section 3)
+#   e_{t,l}     | (B, T, D)  | residual after block l; l = 0 is the input embedding
+#   act logits  | (B, T, 4)  | p(a_t | o_{1:t})
+#   obs logits  | (B, T, 49) | p(agent cell of o_{t+1} | o_{1:t})
+#
+# Positions: there are no absolute position embeddings. Each attention head adds a learned bias that
+# depends only on how many steps back a key lies (bucketed as in T5; Table A16 uses 32 buckets), so
+# a model pretrained on ~31-step episodes can run the post-training task's ~63-step episodes.
 def relative_buckets(n: int, num_buckets: int, max_distance: int = 128) -> torch.Tensor:
     """T5-style causal bucketing of the distance d = t_query - t_key >= 0 (Table A16: 32 buckets).
 
@@ -470,6 +502,12 @@ def masked_ce(logits, target):
 # ---------------------------------------------------------------------------------------------------
 # 5. Rollouts: the frozen model (optionally controlled) acting in the env, with a KV cache
 # ---------------------------------------------------------------------------------------------------
+# Every evaluation in the paper rolls the model out in the env: at step t the model sees o_{1:t} (the
+# whole history, exactly as in pretraining), its action head gives p(a_t | o_{1:t}), an action is
+# sampled, and the env returns o_{t+1}. Re-running the whole prefix at every step would cost O(T^2)
+# forwards per episode; instead each attention layer keeps the keys and values of the past steps (a KV
+# cache) and each step only computes the new token. A test checks that stepping with the cache gives
+# exactly the logits of one full forward. We run n envs side by side, one batched forward per step.
 @torch.no_grad()
 def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_layer: int = -1,
             greedy: bool = False, pretrain_tasks: bool = False) -> dict:
@@ -478,7 +516,8 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
     ``ctrl_fn(x, g)``, if given, is the controller applied at ``ctrl_layer`` given each episode's current
     ground-truth subgoal g (B, 1) (section 8). Episode i uses env seed ``seed + i`` and, with
     ``pretrain_tasks``, the pretraining task i mod 16 (so every task is evaluated equally often).
-    Returns success rate, mean task colours visited, mean length."""
+    Returns the success rate, the fraction ended on a wrong colour (the rest of the failures are
+    time-outs), the mean number of task colours visited and the mean episode length."""
     envs = [gw.GridPinpadEnv() for _ in range(n)]
     infos = []
     for i, env in enumerate(envs):
@@ -505,12 +544,27 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
         if not alive.any():
             break
     return {"success": float(np.mean([env.success for env in envs])),
+            "wrong_colour": float(np.mean([env.failed for env in envs])),        # the rest timed out
             "colours": float(np.mean([env.progress for env in envs])), "length": float(steps.mean())}
 
 
 # ---------------------------------------------------------------------------------------------------
 # 6. Stage "pretrain": next-action prediction                                   [P Eq. 5, App. C.1]
 # ---------------------------------------------------------------------------------------------------
+# L(theta) = sum_t [ -ln p(a_t | o_{1:t}) - lambda ln p(o_{t+1} | o_{1:t}) ]                    (Eq. 5)
+#
+# Nothing here mentions subgoals: the data are expert trajectories on the 16 pretraining tasks, with no
+# task label and no reward. To predict the expert's next move well, though, the model has to work out
+# in context which colour the expert is heading for, and that depends on which colours it visited
+# before (the pair rule: after colour 2k comes 2k+1; which pair comes next depends on the task). The
+# paper's claim is that this latent "current subgoal" then sits linearly in the mid-depth residual stream
+# (section 7) and can be steered (section 8).
+#
+# On a CPU the question is how fast that happens. Two diagnostics are logged along the way (PAPER.md 13):
+# optimal-action accuracy on steps whose target is fixed by the pair rule vs. steps whose target is still
+# ambiguous (equal values = only local heuristics learned), and a quick probe at layer 0 vs. layer L/2
+# (always compare to layer 0: the agent-centred input already gives layer 0 above-chance accuracy,
+# because the agent is usually near its target).
 @torch.no_grad()
 def action_metrics(model: GPT, episodes: list, device) -> dict:
     """Held-out action NLL and accuracy, plus the pair-rule diagnostic of PAPER.md 13.
@@ -538,6 +592,13 @@ def action_metrics(model: GPT, episodes: list, device) -> dict:
             "opt_acc_pair": hit[1][0] / max(hit[1][1], 1)}
 
 
+def lr_factor(step: int, args: Args) -> float:
+    """Linear warm-up, constant (as Table A4), then an optional linear cool-down to 0 at the last step."""
+    cool = args.cooldown * args.pretrain_steps
+    left = (args.pretrain_steps - step) / cool if cool > 0 else 1.0
+    return min(1.0, (step + 1) / max(args.warmup, 1), left)
+
+
 def pretrain(args: Args, data: dict, device, log: Logger):
     """Train the base model from scratch on fresh expert batches. Returns (model, metrics)."""
     path = os.path.join(args.out, "pretrain.pt")
@@ -563,8 +624,8 @@ def pretrain(args: Args, data: dict, device, log: Logger):
     t0, tokens, t_log = time.time() - spent, 0, time.time()
     while step < args.pretrain_steps:
         b = next(stream)
-        for g in opt.param_groups:          # linear warm-up, then constant (Table A4: constant)
-            g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = args.lr * lr_factor(step, args)
         act_logits, obs_logits, _ = model(b["cells"])
         # ALGO LOGIC: Eq. 5: -ln p(a_t | o_{1:t}) - lambda ln p(o_{t+1} | o_{1:t})
         loss_a = masked_ce(act_logits, b["actions"])
@@ -604,6 +665,12 @@ def pretrain(args: Args, data: dict, device, log: Logger):
 # ---------------------------------------------------------------------------------------------------
 # 7. Stage "probe": linear probes of the current subgoal                 [P Sec. 5.1, Eq. 6-7, Fig. 3/A1]
 # ---------------------------------------------------------------------------------------------------
+# Is the current subgoal g_t (which colour pair the expert is working on) *linearly* readable from the
+# residual e_{t,l}? For each layer l we fit p(g_t = g | e_{t,l}) = softmax(W_l e_{t,l} + b_l)_g (Eq. 6-7)
+# on the frozen model's residuals of held-out D* episodes and score it on other episodes (split by
+# episode: steps of one episode are strongly correlated, so a split by step would leak). The paper sees
+# accuracy rise from ~0.3 at the input to ~0.5 around mid-depth (Fig. A1). The probe is the subgoal's
+# identity (0..3), not its index within the task (a bug in one public re-implementation).
 @torch.no_grad()
 def residual_features(model: GPT, episodes: list, device) -> tuple:
     """Residuals of every real step at every layer: ([L+1 x (N, D)], subgoal labels (N,), episode id (N,))."""
@@ -665,11 +732,27 @@ def probe_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict
 # ---------------------------------------------------------------------------------------------------
 # 8. Stage "controllers": ground-truth residual-stream controllers        [P Eq. 1, Sec. 5.2, Fig. 4, Table A7]
 # ---------------------------------------------------------------------------------------------------
+# Probing says the information is there; control asks whether the model *uses* it. Eq. 1 inserts a
+# linear controller into the residual stream at layer l:
+#
+#     e_{t,l} <- e_{t,l} + U_t e_{t,l}                                                           (Eq. 1)
+#
+# and blocks l+1..L process the edited stream as if nothing happened. LoRA-style, U is low-rank:
 # One linear controller per subgoal g, U^(g) = A_g B_g^T with A_g, B_g in R^{D x r} (rank <= r = 16).
 # During training and evaluation the ground-truth subgoal g_t picks U_t = U^(g_t), and the frozen model
 # runs with e_{t,l} <- e_{t,l} + U_t e_{t,l} at one layer l. If the residual stream encodes the subgoal
 # linearly, such a U can *steer* the model toward it, and switching controllers in the right order
 # should solve subgoal orders never seen in pretraining (the post-training task).
+#
+#   Symbol  | Shape        | Meaning
+#   A, B    | (K, D, r)    | factors of the K = 4 controllers (only these train; the base is frozen)
+#   g       | (B, T)       | ground-truth subgoal id per step (from the env's info / the dataset)
+#   U^(g)   | (D, D)       | A_g B_g^T, never formed during training (apply_controller works on factors)
+#
+# Training minimises -sum_t ln p(a_t | o_{1:t}, g_t) on D* (Table A7). Evaluation switches controllers by
+# the env's ground-truth subgoal, samples actions and counts successes: on the pretraining tasks (does the
+# controller steer at all?) and on the post-training task 0-1-2-3-4-5-6-7-0-1-2-3 (does steering compose
+# into subgoal orders the model never saw?). The paper finds mid-depth (L/2) works best (Fig. 4).
 
 def apply_controller(x, A, Bm):
     """U x with U = A B^T, without forming U: x (..., D), A and Bm (..., D, r) -> (..., D)."""
@@ -734,6 +817,11 @@ def controlled_nll(model: GPT, ctrl, layer: int, episodes: list, device) -> floa
 
 
 def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
+    """Train and evaluate ground-truth controllers at each layer in --ctrl-layers (Fig. 4's x-axis).
+
+    The base model alone is evaluated on the same episodes: on pretraining tasks it can only guess the
+    task (a perfect pair rule with no task knowledge succeeds ~1/16 of the time), on the post-training
+    task it essentially never succeeds. Controllers that steer should lift the first well above that."""
     path = os.path.join(args.out, "controllers.pt")
     fp = fingerprint(args, "controllers")
     ck = load_ckpt(path, fp, log, "8 controllers")
@@ -755,9 +843,18 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
         pre = rollout(model, None, seed=seed, pretrain_tasks=True, ctrl_fn=fn, ctrl_layer=layer, **ev)
         post = rollout(model, gw.POSTTRAIN_TASK, seed=seed + 10 ** 6, ctrl_fn=fn, ctrl_layer=layer, **ev)
         per_layer[layer] = {"nll": nll, "pretrain": pre, "posttrain": post}
+        if layer == args.n_layer // 2 and not args.greedy:      # diagnostic: the same controllers, argmax actions
+            ev_g = {**ev, "greedy": True}
+            per_layer[layer]["pretrain_greedy"] = rollout(model, None, seed=seed, pretrain_tasks=True, ctrl_fn=fn,
+                                                          ctrl_layer=layer, **ev_g)["success"]
+            per_layer[layer]["posttrain_greedy"] = rollout(model, gw.POSTTRAIN_TASK, seed=seed + 10 ** 6, ctrl_fn=fn,
+                                                           ctrl_layer=layer, **ev_g)["success"]
+            log("8 controllers", f"layer {layer}, argmax actions instead of sampling (diagnostic): pretraining tasks "
+                f"{per_layer[layer]['pretrain_greedy']:.3f} | post-training task {per_layer[layer]['posttrain_greedy']:.3f}")
         states[str(layer)] = ctrl.state_dict()
         log("8 controllers", f"layer {layer}: held-out D* nll {nll:.3f} | success pretraining tasks "
-            f"{pre['success']:.3f} | post-training task {post['success']:.3f} ({post['colours']:.1f} of 12 colours) "
+            f"{pre['success']:.3f} (wrong colour {pre['wrong_colour']:.2f}) | post-training task {post['success']:.3f} "
+            f"({post['colours']:.1f} of 12 colours, wrong colour {post['wrong_colour']:.2f}) "
             f"| {eta(t0, layers.index(layer) + 1, len(layers))}", layer=layer, **{k: v['success'] for k, v in
                                                                                   (('pretrain', pre), ('posttrain', post))})
     L1 = args.n_layer + 1
@@ -768,6 +865,8 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
         "controller_success_pretrain": [per_layer[l]["pretrain"]["success"] if l in per_layer else None for l in range(L1)],
         "controller_colours": [per_layer[l]["posttrain"]["colours"] if l in per_layer else None for l in range(L1)],
         "controller_nll": [per_layer[l]["nll"] if l in per_layer else None for l in range(L1)],
+        "controller_rollouts": {str(l): v for l, v in per_layer.items()},
+        "base_rollouts": {"pretrain": base_pre, "posttrain": base_post},
         "eval_episodes": args.n_eval, "eval_greedy": args.greedy, "train_time_s": time.time() - t0,
     }
     save_ckpt(path, {"fingerprint": fp, "metrics": metrics, "controllers": states})
@@ -778,11 +877,25 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
 # 12. Figures
 # ---------------------------------------------------------------------------------------------------
 def make_figures(args: Args, results: dict) -> list:
-    """PNG figures in the run folder: probe accuracy by layer (Fig. A1), controller success by layer (Fig. 4)."""
+    """PNG figures in the run folder: pretraining diagnostics, probe accuracy by layer (Fig. A1), controller
+    success by layer (Fig. 4)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     paths = []
+    curve = results.get("pretrain", {}).get("curve", [])
+    if curve:                                    # the pretraining diagnostics against training minutes
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        mins = [c["minutes"] for c in curve]
+        ax.plot(mins, [c["opt_acc_pair"] for c in curve], "o-", label="optimal-action acc, pair-determined")
+        ax.plot(mins, [c["opt_acc_ambiguous"] for c in curve], "o-", label="optimal-action acc, ambiguous")
+        ax.plot(mins, [c["probe_mid"] - c["probe_l0"] for c in curve], "s-", label="probe gap, layer L/2 - layer 0")
+        ax.set(xlabel="pretraining minutes", ylim=(0, 1), title="Pretraining diagnostics (held-out)")
+        ax.legend(frameon=False, fontsize=7)
+        fig.tight_layout()
+        paths.append(os.path.join(args.out, "pretrain_curve.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     if "probe_accuracy" in results:
         acc = results["probe_accuracy"]
         fig, ax = plt.subplots(figsize=(4.5, 3.2))

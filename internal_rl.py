@@ -30,7 +30,12 @@ Commands (2-core CPU)
 Outputs go to ``--out`` (default ``runs/<task>-seed<seed>``): checkpoints (``*.pt``), ``metrics.jsonl``
 (one JSON line per log line), figures (``*.png``) and ``results.json``. A rerun with the same settings
 reuses every finished stage; changing a setting retrains the stages it affects and everything after.
-The README has the measured numbers and run times.
+
+What to expect (measured on a 2-core CPU, seed 0, defaults; the README has the full table)
+    25 min in all (pretraining 21 min). Held-out action NLL 0.316. Probe accuracy for the current subgoal
+    0.40 at the input embedding -> 0.66 at layer L/2 (chance 0.25). Ground-truth controllers at layer L/2
+    succeed on 0.39 of pretraining-task episodes (base model alone 0.06), but not yet on the post-training
+    task (0.002; the paper reports about 0.5-0.7): at CPU scale the base model is the limit (README).
 
 Table of contents (the section banners below carry the same numbers; log lines are prefixed with them)
     1. Args: every setting, with per-task defaults
@@ -51,8 +56,9 @@ Notation (shape comments use these letters)
     (l = 0 is the input embedding, l = L the last block)   U a D x D controller matrix, applied e <- e + U e
 
 Deliberate choices and deviations from the paper (also listed in the README)
-    * Size: d=128, 4 blocks, 4 heads (paper: d=256, 6 blocks) and ~1e6 training episodes (paper ~2.6e8):
-      the CPU budget. The controlled layer is L/2 = 2, as in the paper.
+    * Size: d=64, 4 blocks, 4 heads (paper: d=256, 6 blocks) and ~1.2e6 training episodes (paper ~2.6e8):
+      the CPU budget (d=64 trains 2.7x faster per CPU-second than d=128). The controlled layer is
+      L/2 = 2, as in the paper. Pretraining ends with a linear learning-rate cool-down (paper: constant).
     * Input embedding (the paper leaves it open): the observation's one-hot is re-indexed around the agent
       (where is each object relative to me?) and embedded linearly, plus an embedding of the agent's cell.
       A deterministic function of the observation with no task information; it made the subgoal code

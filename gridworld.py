@@ -318,10 +318,15 @@ def expert_action(agent: int, kind: list, dist: list, rng: np.random.Generator, 
     """One expert decision given the distance map ``dist`` to the next needed colour ``target``."""
     moves = _NEXT_LIST[agent]
     if epsilon > 0.0 and rng.random() < epsilon:
-        # a random action that does not end the episode (not onto a wrong colour) and does not trap the
-        # agent where the target is unreachable (a pocket entered from the colour it stands on)
-        safe = [a for a in range(4) if kind[moves[a]] < N_COLOURS and dist[moves[a]] < 10 ** 6
-                and (moves[a] == agent or kind[moves[a]] in (-1, target))]
+        # a uniformly random action among those that do not end the episode: bumps into walls or the grid's
+        # edge (no-ops) and moves onto empty cells or the target. Moves that would leave the target
+        # unreachable (into a pocket entered from the colour the agent stands on) are excluded too: the
+        # paper says only "non-terminating", but such a move dooms the episode to a time-out.
+        safe = []
+        for a in range(4):
+            nxt = agent if kind[moves[a]] >= N_COLOURS else moves[a]          # a wall bump stays put
+            if nxt == agent or (kind[nxt] in (-1, target) and dist[nxt] < 10 ** 6):
+                safe.append(a)
         return safe[int(rng.integers(len(safe)))]
     best = optimal_actions(agent, kind, dist, target)
     return best[int(rng.integers(len(best)))] if len(best) > 1 else best[0]

@@ -120,6 +120,7 @@ class Args:
     n_embd: int = arg(64, "residual width D (paper: 256)")
     mlp_mult: int = arg(4, "MLP hidden = mlp_mult * n_embd (ReLU, as Table A16)")
     rel_buckets: int = arg(32, "relative-position attention-bias buckets (Table A16: 32)")
+    rel_max_distance: int = arg(128, "distance where the last (shared) bias bucket starts; see relative_buckets()")
     # -- pretraining (section 6) --
     pretrain_steps: int = arg(9600, "optimiser steps; every batch is fresh expert data")
     lr: float = arg(2e-3, "AdamW learning rate (Table A4: 3e-4 at batch 1024)")
@@ -129,6 +130,8 @@ class Args:
     obs_coef: float = arg(0.01, "lambda in Eq. 5: weight of the next-observation loss (Table A4: [0, 0.01])")
     grad_clip: float = arg(1.0, "gradient-norm clip")
     eval_every: int = arg(1000, "held-out metrics + a quick probe every this many pretraining steps")
+    quick_probe_episodes: int = arg(1000, "held-out D* episodes for the quick probe during pretraining")
+    quick_probe_steps: int = arg(200, "probe steps of that quick probe")
     # -- probes (section 7) --
     n_probe: int = arg(4000, "held-out D* episodes for the probes (half to fit, half to score)")
     probe_steps: int = arg(300, "full-batch AdamW steps per layer probe")
@@ -173,9 +176,17 @@ def parse_args(argv=None) -> Args:
     for f in dataclasses.fields(Args):
         v = getattr(args, f.name)
         may_be_zero = ("seed", "epsilon", "obs_coef", "weight_decay", "warmup", "cooldown", "threads")
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name not in may_be_zero:
-            if v <= 0:
-                sys.exit(f"internal_rl.py: error: --{f.name.replace('_', '-')} must be positive, got {v}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if v < 0 or (v == 0 and f.name not in may_be_zero):
+                need = "non-negative" if f.name in may_be_zero else "positive"
+                sys.exit(f"internal_rl.py: error: --{f.name.replace('_', '-')} must be {need}, got {v}")
+    if not args.cooldown <= 1.0:
+        sys.exit(f"internal_rl.py: error: --cooldown is a fraction of the steps in [0, 1], got {args.cooldown}")
+    if args.n_probe < 2 or args.quick_probe_episodes < 2:
+        sys.exit("internal_rl.py: error: --n-probe and --quick-probe-episodes need at least 2 episodes (half fit, half score)")
+    if args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        sys.exit(f"internal_rl.py: error: --device {args.device!r} is not available here; valid choices: auto, cpu"
+                 + (", cuda" if torch.cuda.is_available() else " (no CUDA device found)"))
     if not 0.0 <= args.epsilon < 1.0:
         sys.exit(f"internal_rl.py: error: --epsilon must be in [0, 1), got {args.epsilon}")
     if args.n_embd % args.n_head:
@@ -191,7 +202,10 @@ def parse_args(argv=None) -> Args:
 def ctrl_layers(args: Args) -> list:
     if args.ctrl_layers == "all":
         return list(range(args.n_layer + 1))
-    layers = [int(s) for s in args.ctrl_layers.split(",")]
+    try:
+        layers = [int(s) for s in args.ctrl_layers.split(",")]
+    except ValueError:
+        layers = [-1]
     if any(not 0 <= l <= args.n_layer for l in layers):
         raise ValueError(f"--ctrl-layers must be 'all' or layers in 0..{args.n_layer}, got {args.ctrl_layers!r}")
     return layers
@@ -228,8 +242,8 @@ def eta(t0: float, done: int, total: int) -> str:
 # stage before it, so changing e.g. --lr retrains pretraining, probes and controllers, while changing
 # --ctrl-lr retrains only the controllers.
 STAGE_FIELDS = {
-    "pretrain": ("task", "seed", "epsilon", "batch_size", "bucket_batches", "n_layer", "n_head", "n_embd",
-                 "mlp_mult", "rel_buckets", "pretrain_steps", "lr", "warmup", "cooldown", "weight_decay", "obs_coef",
+    "pretrain": ("task", "seed", "epsilon", "n_heldout", "batch_size", "bucket_batches", "n_layer", "n_head", "n_embd",
+                 "mlp_mult", "rel_buckets", "rel_max_distance", "pretrain_steps", "lr", "warmup", "cooldown", "weight_decay", "obs_coef",
                  "grad_clip"),
     "probe": ("n_dstar", "n_probe", "probe_steps", "probe_lr"),
     "controllers": ("n_dstar", "ctrl_rank", "ctrl_steps", "ctrl_batch", "ctrl_lr", "ctrl_layers", "n_eval", "greedy"),
@@ -266,6 +280,15 @@ def load_ckpt(path: str, fp: str, log: Logger, stage: str):
         log(stage, f"{path} was made with other settings ({ck['fingerprint']} != {fp}): retraining this stage")
         return None
     return ck
+
+
+def load_weights(model: nn.Module, ck: dict, path: str) -> None:
+    """load_state_dict, but a mismatch (a checkpoint from other code) names the file and the fix."""
+    try:
+        model.load_state_dict(ck["model"])
+    except (RuntimeError, KeyError) as e:
+        sys.exit(f"internal_rl.py: error: checkpoint {path} does not fit this code's model ({str(e)[:80]}); "
+                 f"delete it (or choose another --out) to retrain that stage")
 
 
 def seed_everything(seed: int) -> None:
@@ -374,18 +397,26 @@ def make_datasets(args: Args) -> dict:
 #
 # Positions: there are no absolute position embeddings. Each attention head adds a learned bias that
 # depends only on how many steps back a key lies (bucketed as in T5; Table A16 uses 32 buckets), so
-# a model pretrained on ~31-step episodes can run the post-training task's ~63-step episodes.
+# a model pretrained on ~31-step episodes can run the post-training task's ~63-step episodes without
+# meeting an absolute position it never saw. (It still meets *distances* it rarely saw: see below.)
 def relative_buckets(n: int, num_buckets: int, max_distance: int = 128) -> torch.Tensor:
     """T5-style causal bucketing of the distance d = t_query - t_key >= 0 (Table A16: 32 buckets).
 
     Distances below num_buckets/2 get their own bucket, larger ones share log-spaced buckets up to
-    max_distance. Attention then depends on *how far back* a step is, never on its absolute time, so the
-    post-training task's ~63-step episodes (pretraining: ~31) use only distances the model has seen."""
+    max_distance, and everything beyond shares the last bucket. Attention then depends on *how far back*
+    a step is, never on its absolute time. Caveat, measured on the data: pretraining episodes are 31
+    steps on average (p99 51), so with max_distance = 128 the buckets of distances ~50-100 are almost
+    never trained, and the post-training task's ~63-step episodes do use them. A smaller max_distance
+    (e.g. 32) makes all long distances share one well-trained bucket; untested as a default so far."""
     d = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).clamp(min=0)    # (n, n) query x key
     exact = num_buckets // 2
     log_b = exact + (torch.log(d.float().clamp(min=1) / exact) / math.log(max_distance / exact)
                      * (num_buckets - exact)).long()
     return torch.where(d < exact, d, log_b.clamp(max=num_buckets - 1))       # (n, n) bucket ids
+
+
+class RelativeBias(nn.Embedding):
+    """A learned attention bias per (distance bucket, head); zero at initialisation (as the paper)."""
 
 
 class CausalSelfAttention(nn.Module):
@@ -394,7 +425,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, D = args.n_head, args.n_embd
         self.c_attn = nn.Linear(D, 3 * D)
         self.c_proj = nn.Linear(D, D)
-        self.rel_bias = nn.Embedding(args.rel_buckets, args.n_head)            # one learned bias per bucket and head
+        self.rel_bias = RelativeBias(args.rel_buckets, args.n_head)            # one learned bias per bucket and head
         nn.init.zeros_(self.rel_bias.weight)                                    # start as plain causal attention
 
     def forward(self, x, buckets, cache=None):
@@ -455,9 +486,10 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(D)
         self.action_head = nn.Linear(D, 4)                                       # p(a_t | o_{1:t})
         self.obs_head = nn.Linear(D, gw.N_CELLS)                                 # p(o_{t+1} | o_{1:t}): agent cell
-        self.register_buffer("buckets", relative_buckets(gw.MAX_STEPS + 1, args.rel_buckets), persistent=False)
+        self.register_buffer("buckets", relative_buckets(gw.MAX_STEPS + 1, args.rel_buckets,
+                                                                args.rel_max_distance), persistent=False)
         self.register_buffer("obj_type", OBJ_TYPE.clone(), persistent=False)
-        self.apply(self._init)
+        self.apply(self._init)                  # (the relative biases keep their zero init)
         for b in self.blocks:                   # GPT-2: scale residual-branch outputs by depth
             for lin in (b.attn.c_proj, b.mlp[2]):
                 nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * args.n_layer))
@@ -467,7 +499,7 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding) and m.weight.shape[1] > 32:
+        elif isinstance(m, nn.Embedding) and not isinstance(m, RelativeBias):
             nn.init.normal_(m.weight, std=0.02)
 
     def embed(self, cells):
@@ -483,7 +515,8 @@ class GPT(nn.Module):
         """cells (B, T, 13) -> action logits (B, T, 4), next-cell logits (B, T, 49), residuals [L+1 x (B, T, D)].
 
         ``cache``: a list with one dict per block (``new_cache()``); the call then continues the sequence
-        it holds (rollouts feed one step at a time). ``residuals`` are the uncontrolled e_{t,l}."""
+        it holds (rollouts feed one step at a time). ``residuals[l]`` is e_{t,l} as block l wrote it, before any
+        controller at layer l; above a controlled layer the residuals carry the controller's effect."""
         x = self.embed(cells)                                                    # e_{t,0}   (B, T, D)
         residuals = [x]
         if ctrl is not None and ctrl_layer == 0:
@@ -613,13 +646,16 @@ def pretrain(args: Args, data: dict, device, log: Logger):
     model = GPT(args).to(device)
     ck = load_ckpt(path, fp, log, "6 pretrain")
     if ck is not None and ck["finished"]:
-        model.load_state_dict(ck["model"])
+        load_weights(model, ck, path)
         log("6 pretrain", f"reusing {path} (trained {ck['metrics']['steps']} steps in {ck['metrics']['train_time_s']:.0f}s)")
         return model, ck["metrics"]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     rng, step, spent, curve = data["train_rng"], 0, 0.0, []
-    if ck is not None:                       # an interrupted run: resume model, optimiser and data stream
-        model.load_state_dict(ck["model"])
+    # An interrupted run resumes model, optimiser and data stream from the last evaluation. (The data
+    # stream restarts at a fresh length bucket, so a resumed run is close to, not bit-identical with, an
+    # uninterrupted one.)
+    if ck is not None:
+        load_weights(model, ck, path)
         opt.load_state_dict(ck["optim"])
         rng.bit_generator.state = json.loads(ck["rng"])
         step, spent, curve = ck["step"], ck["spent"], json.loads(ck["curve"])
@@ -651,7 +687,8 @@ def pretrain(args: Args, data: dict, device, log: Logger):
         if step % args.eval_every == 0 or step == args.pretrain_steps:
             te = time.time()
             m = action_metrics(model, data["heldout"], device)
-            pr = probe_all(model, data["dstar_heldout"][:1000], [0, args.n_layer // 2], device, steps=200, lr=args.probe_lr)
+            pr = probe_all(model, data["dstar_heldout"][:args.quick_probe_episodes], [0, args.n_layer // 2], device,
+                           steps=args.quick_probe_steps, lr=args.probe_lr)
             curve.append({"step": step, "minutes": (time.time() - t0) / 60, **m, "probe_l0": pr[0], "probe_mid": pr[1]})
             log("6 pretrain", f"eval step {step} | nll {m['nll']:.3f} | acc {m['acc']:.3f} | optimal-action acc "
                 f"ambiguous {m['opt_acc_ambiguous']:.3f} / pair-determined {m['opt_acc_pair']:.3f} | probe "
@@ -791,6 +828,7 @@ class SubgoalControllers(nn.Module):
 
 def train_controllers(args: Args, model: GPT, layer: int, episodes: list, device, log: Logger) -> SubgoalControllers:
     """Minimise sum_t -ln p(a_t | o_{1:t}, g_t) on D* with the base model frozen (only A, B train)."""
+    model.requires_grad_(False).eval()       # the base model is frozen: gradients reach only A and B
     ctrl = SubgoalControllers(gw.N_SUBGOALS, args.n_embd, args.ctrl_rank).to(device)
     opt = torch.optim.AdamW(ctrl.parameters(), lr=args.ctrl_lr, weight_decay=args.weight_decay)
     rng = np.random.default_rng(args.seed + 100 + layer)
@@ -802,7 +840,7 @@ def train_controllers(args: Args, model: GPT, layer: int, episodes: list, device
         logits, _, _ = model(b["cells"], lambda x: ctrl(x, g), layer)
         loss = masked_ce(logits, b["actions"])
         opt.zero_grad(set_to_none=True)
-        loss.backward()                  # the base model's parameters have requires_grad=False: frozen
+        loss.backward()
         opt.step()
         if step % args.log_every == 0 or step == args.ctrl_steps:
             log("8 controllers", f"layer {layer} step {step}/{args.ctrl_steps} | nll {loss.item():.3f} | "
@@ -844,7 +882,7 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
     per_layer, states = {}, {}
     for layer in layers:
         ctrl = train_controllers(args, model, layer, data["dstar_train"], device, log)
-        nll = controlled_nll(model, ctrl, layer, data["dstar_heldout"][:2000], device)
+        nll = controlled_nll(model, ctrl, layer, data["dstar_heldout"][:args.n_probe // 2], device)
         fn = lambda x, g, c=ctrl: c(x, g)
         pre = rollout(model, None, seed=seed, pretrain_tasks=True, ctrl_fn=fn, ctrl_layer=layer, **ev)
         post = rollout(model, gw.POSTTRAIN_TASK, seed=seed + 10 ** 6, ctrl_fn=fn, ctrl_layer=layer, **ev)
@@ -866,7 +904,7 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
     L1 = args.n_layer + 1
     metrics = {
         "base_success": base_post["success"], "base_success_pretrain": base_pre["success"],
-        "base_nll": controlled_nll(model, None, -1, data["dstar_heldout"][:2000], device),
+        "base_nll": controlled_nll(model, None, -1, data["dstar_heldout"][:args.n_probe // 2], device),
         "controller_success": [per_layer[l]["posttrain"]["success"] if l in per_layer else None for l in range(L1)],
         "controller_success_pretrain": [per_layer[l]["pretrain"]["success"] if l in per_layer else None for l in range(L1)],
         "controller_colours": [per_layer[l]["posttrain"]["colours"] if l in per_layer else None for l in range(L1)],
@@ -883,12 +921,23 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
 # 12. Figures
 # ---------------------------------------------------------------------------------------------------
 def make_figures(args: Args, results: dict) -> list:
-    """PNG figures in the run folder: pretraining diagnostics, probe accuracy by layer (Fig. A1), controller
+    """PNG figures in the run folder: the env, pretraining diagnostics, probe accuracy by layer (Fig. A1), controller
     success by layer (Fig. 4)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     paths = []
+    # the env (Fig. 2 style): one pretraining-task layout, rendered by the env's own rgb_array mode
+    env = gw.GridPinpadEnv(render_mode="rgb_array")
+    env.reset(seed=args.seed, options={"task": gw.PRETRAIN_TASKS[0]})
+    fig, ax = plt.subplots(figsize=(3.2, 3.4))
+    ax.imshow(env.render())
+    ax.set(xticks=[], yticks=[], title="gridworld-pinpad (black: agent, grey: walls)")
+    ax.title.set_fontsize(8)
+    fig.tight_layout()
+    paths.append(os.path.join(args.out, "env.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
     curve = results.get("pretrain", {}).get("curve", [])
     if curve:                                    # the pretraining diagnostics against training minutes
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
@@ -969,6 +1018,7 @@ def main(argv=None) -> dict:
     model.eval()
     write_results()
     if args.stop_after == "pretrain":
+        make_figures(args, results)
         return results
 
     t = time.time()

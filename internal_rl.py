@@ -26,7 +26,7 @@ Commands (2-core CPU)
     python internal_rl.py --task grid                              # every stage implemented so far
     python internal_rl.py --task grid --stop-after pretrain        # or: probe, controllers
     python internal_rl.py --task grid --seed 1 --out runs/grid-seed1
-    pytest -q test_internal_rl.py                                  # the tests, ~2 minutes
+    python -m pytest -q test_internal_rl.py                        # the tests, under a minute
 Outputs go to ``--out`` (default ``runs/<task>-seed<seed>``): checkpoints (``*.pt``), ``metrics.jsonl``
 (one JSON line per log line), figures (``*.png``) and ``results.json``. A rerun with the same settings
 reuses every finished stage; changing a setting retrains the stages it affects and everything after.
@@ -327,6 +327,8 @@ def collate(episodes: list, device) -> dict:
     subgoals = np.full((B, T), -1, dtype=np.int64)          # (B, T)      g_t
     nextcol = np.full((B, T), -1, dtype=np.int64)           # (B, T)      colour the expert heads to
     optimal = np.zeros((B, T, 4), dtype=bool)               # (B, T, 4)
+    # Input at step t is o_t; targets at step t are a_t and the agent's cell in o_{t+1}. Padded steps
+    # keep cells = 0 (a valid index, so the embedding works) and are masked out of every loss by -1.
     for i, ep in enumerate(episodes):
         n = len(ep["actions"])
         cells[i, :n] = ep["cells"][:n]
@@ -503,7 +505,12 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def embed(self, cells):
-        """cells (B, T, 13) -> e_{t,0} (B, T, D)."""
+        """cells (B, T, 13) -> e_{t,0} (B, T, D).
+
+        Example: agent at cell 24 (row 3, col 3), colour 5 at cell 10 (row 1, col 3): offset (-2, 0), so
+        colour 5 contributes E_obj[5, (-2 + 6) * 13 + (0 + 6)]. The same row serves every agent position,
+        which is why "colour 5 is two cells up" is learned once, not 49 times as with a linear map of the
+        flat one-hot. The grid's edges are not objects; E_agent[agent cell] tells where they are."""
         agent = cells[..., -1]                                                   # (B, T)
         obj = cells[..., :-1]                                                    # (B, T, 12)
         dr = obj // gw.GRID - (agent // gw.GRID)[..., None] + gw.GRID - 1        # (B, T, 12) row offset in 0..12
@@ -557,17 +564,22 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
     ``pretrain_tasks``, the pretraining task i mod 16 (so every task is evaluated equally often).
     Returns the success rate, the fraction ended on a wrong colour (the rest of the failures are
     time-outs), the mean number of task colours visited and the mean episode length."""
+    # One env per episode, stepped in lock-step. We use the env classes directly (not gymnasium's vector
+    # envs), so there is no autoreset: a finished episode simply stops being stepped.
     envs = [gw.GridPinpadEnv() for _ in range(n)]
     infos = []
     for i, env in enumerate(envs):
         t = gw.PRETRAIN_TASKS[i % len(gw.PRETRAIN_TASKS)] if pretrain_tasks else task
         infos.append(env.reset(seed=seed + i, options={"task": t})[1])
+    # Evaluation has its own random generator, so evaluating never shifts any training randomness.
     gen = torch.Generator(device=device).manual_seed(seed)
     cache, alive = model.new_cache(), np.ones(n, dtype=bool)
     steps = np.zeros(n, dtype=np.int64)
     for _ in range(gw.MAX_STEPS):
         cells = torch.tensor([env.cells() for env in envs], device=device)[:, None]     # (n, 1, 13)
         g = torch.tensor([info["subgoal"] for info in infos], device=device)[:, None]   # (n, 1)
+        # the controller is chosen by the env's *current* ground-truth subgoal (analysis only: an agent
+        # that must discover its subgoals, the metacontroller, comes in the next sections)
         ctrl = None if ctrl_fn is None else (lambda x: ctrl_fn(x, g))
         logits, _, _ = model(cells, ctrl, ctrl_layer, cache)                            # (n, 1, 4)
         if greedy:
@@ -663,6 +675,8 @@ def pretrain(args: Args, data: dict, device, log: Logger):
     n_params = sum(p.numel() for p in model.parameters())
     log("6 pretrain", f"{n_params / 1e6:.2f}M parameters, {args.pretrain_steps} steps of {args.batch_size} fresh episodes")
     stream = fresh_batches(rng, args, device)
+    # t0 is shifted by the time already spent (a resumed run) and by evaluation pauses, so the logged
+    # ETA and train_time_s count training only.
     t0, tokens, t_log = time.time() - spent, 0, time.time()
     while step < args.pretrain_steps:
         b = next(stream)
@@ -675,7 +689,7 @@ def pretrain(args: Args, data: dict, device, log: Logger):
         loss = loss_a + args.obs_coef * loss_o
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)   # rare spikes early in training
         opt.step()
         step += 1
         tokens += int((b["actions"] >= 0).sum())
@@ -731,6 +745,8 @@ def residual_features(model: GPT, episodes: list, device) -> tuple:
 
 def train_probe(x_tr, y_tr, x_te, y_te, steps: int, lr: float) -> float:
     """Softmax probe p(g | e) = softmax(W e + b) (Eq. 6-7), full-batch AdamW; returns held-out accuracy."""
+    # Residual norms differ a lot between layers; standardising each feature (with train statistics only)
+    # lets one learning rate fit every layer. A linear map of standardised features is still linear in e.
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-5                                  # standardise (train stats)
     x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
     probe = nn.Linear(x_tr.shape[1], gw.N_SUBGOALS).to(x_tr.device)

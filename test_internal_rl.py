@@ -1,6 +1,6 @@
 """Tests: env contracts, model invariants, numerical references, and small runs that must learn.
 
-Run with ``pytest -q test_internal_rl.py`` (about a minute on a 2-core CPU)."""
+Run with ``python -m pytest -q test_internal_rl.py`` (under a minute on an idle 2-core CPU)."""
 import json
 import os
 import subprocess

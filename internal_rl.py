@@ -943,6 +943,13 @@ def make_figures(args: Args, results: dict) -> list:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        paths.append(os.path.join(args.out, name))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
     # the env (Fig. 2 style): one pretraining-task layout, rendered by the env's own rgb_array mode
     env = gw.GridPinpadEnv(render_mode="rgb_array")
     env.reset(seed=args.seed, options={"task": gw.PRETRAIN_TASKS[0]})
@@ -950,10 +957,7 @@ def make_figures(args: Args, results: dict) -> list:
     ax.imshow(env.render())
     ax.set(xticks=[], yticks=[], title="gridworld-pinpad (black: agent, grey: walls)")
     ax.title.set_fontsize(8)
-    fig.tight_layout()
-    paths.append(os.path.join(args.out, "env.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "env.png")
     curve = results.get("pretrain", {}).get("curve", [])
     if curve:                                    # the pretraining diagnostics against training minutes
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
@@ -963,10 +967,7 @@ def make_figures(args: Args, results: dict) -> list:
         ax.plot(mins, [c["probe_mid"] - c["probe_l0"] for c in curve], "s-", label="probe gap, layer L/2 - layer 0")
         ax.set(xlabel="pretraining minutes", ylim=(0, 1), title="Pretraining diagnostics (held-out)")
         ax.legend(frameon=False, fontsize=7)
-        fig.tight_layout()
-        paths.append(os.path.join(args.out, "pretrain_curve.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        save(fig, "pretrain_curve.png")
     if "probe_accuracy" in results:
         acc = results["probe_accuracy"]
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
@@ -975,10 +976,7 @@ def make_figures(args: Args, results: dict) -> list:
         ax.set(xlabel="layer l (0 = embedding)", ylabel="held-out accuracy", title="Linear probe of the current subgoal",
                xticks=range(len(acc)), ylim=(0, 1))
         ax.legend(frameon=False)
-        fig.tight_layout()
-        paths.append(os.path.join(args.out, "probe_accuracy.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        save(fig, "probe_accuracy.png")
     if "controller_success" in results:
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
         L1 = len(results["controller_success"])
@@ -991,10 +989,7 @@ def make_figures(args: Args, results: dict) -> list:
         ax.set(xlabel="controlled layer l", ylabel="success rate", title="Ground-truth subgoal controllers",
                xticks=range(L1), ylim=(0, 1))
         ax.legend(frameon=False, fontsize=7)
-        fig.tight_layout()
-        paths.append(os.path.join(args.out, "controller_success.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        save(fig, "controller_success.png")
     return paths
 
 

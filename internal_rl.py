@@ -19,12 +19,18 @@ The pipeline (section numbers of this file in brackets)
                                              model through unseen subgoal orders [8]
             |
             v
-    metacontroller (learns the U's and when to switch, without labels) and internal RL   [9-11, next]
+    metacontroller: learns, without labels, a sequence of controllers U_t = f_hyp(z_t)  [10]
+    and when to switch between them (beta_t), from the frozen model's residual stream
+            |
+            v
+    internal RL: a causal policy picks z only when the frozen switch fires; the frozen   [11]
+    model acts. Compared with RL on primitive actions (token-level RL) [9] on a task whose
+    subgoal order pretraining never showed.
 
 Commands (2-core CPU)
 ---------------------
-    python internal_rl.py --task grid                              # every stage implemented so far
-    python internal_rl.py --task grid --stop-after pretrain        # or: probe, controllers
+    python internal_rl.py --task grid                              # every stage
+    python internal_rl.py --task grid --stop-after pretrain        # or: probe, controllers, metacontroller
     python internal_rl.py --task grid --seed 1 --out runs/grid-seed1
     python -m pytest -q test_internal_rl.py                        # the tests, under a minute
 Outputs go to ``--out`` (default ``runs/<task>-seed<seed>``): checkpoints (``*.pt``), ``metrics.jsonl``
@@ -46,13 +52,15 @@ Table of contents (the section banners below carry the same numbers; log lines a
     6. Stage "pretrain": next-action prediction (Eq. 5)
     7. Stage "probe": linear probes of the current subgoal, per layer (Sec. 5.1 of PAPER.md, Fig. 3)
     8. Stage "controllers": ground-truth residual-stream controllers (Eq. 1, Fig. 4)
-    9.-11. (next: the RL toolkit and token-level RL, the metacontroller, internal RL; not in this file yet)
+    9. The RL toolkit and token-level RL (PPO-style, no critic, one advantage per trajectory)
+    10. Stage "metacontroller": the non-causal abstraction model (Eq. 2-3)
+    11. Stage "rl": internal RL (Alg. 1-3), its forced-switching ablation, and token-level RL
     12. Figures
     13. main(): the stages in order
 
 Notation (shape comments use these letters)
     B batch (episodes)   T time steps   D residual width (n_embd)   L blocks (n_layer)   H heads
-    K subgoals (4 in the grid)   r controller rank (16)   e_{t,l} residual at step t after block l
+    K subgoals (4 in the grid)   r controller rank (16)   Z code size (n_z = 8)   e_{t,l} residual at step t after block l
     (l = 0 is the input embedding, l = L the last block)   U a D x D controller matrix, applied e <- e + U e
 
 Deliberate choices and deviations from the paper (also listed in the README)
@@ -70,6 +78,7 @@ Deliberate choices and deviations from the paper (also listed in the README)
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -105,7 +114,7 @@ class Args:
     seed: int = arg(0, "seed for everything (data, init, evaluation episodes)")
     device: str = arg("auto", "cpu, cuda, or auto (cuda when present)")
     out: str = arg("", "run folder (default runs/<task>-seed<seed>)")
-    stop_after: str = arg("controllers", "last stage to run: pretrain, probe or controllers")
+    stop_after: str = arg("rl", "last stage to run: pretrain, probe, controllers, metacontroller or rl")
     threads: int = arg(0, "torch CPU threads (0 = all cores)")
     log_every: int = arg(200, "log a training line every this many steps")
     # -- data (section 3) --
@@ -144,6 +153,27 @@ class Args:
     ctrl_layers: str = arg("all", "layers to train controllers at: 'all' (0..L) or a comma list, e.g. '2'")
     n_eval: int = arg(500, "evaluation episodes per task family (pretraining tasks / post-training task)")
     greedy: bool = arg(False, "evaluate with argmax actions instead of sampling (the paper samples)")
+    # -- the RL toolkit and token-level RL (section 9) --
+    rl_episodes: int = arg(24576, "training episodes per RL method (all three get the same budget)")
+    rl_batch: int = arg(256, "episodes per RL batch B (Table A13: 1024)")
+    rl_epochs: int = arg(2, "optimiser steps per batch (full-batch PPO epochs; the paper does not say)")
+    clip_coef: float = arg(0.2, "PPO ratio clip epsilon (the paper does not say; 0.2 as usual)")
+    token_lr: float = arg(1e-5, "AdamW learning rate of token-level RL, whole base model (Table A13 scan: 3e-6..3e-4)")
+    rl_eval: int = arg(1000, "post-training episodes of each final evaluation, on env seeds unused in training")
+    # -- the metacontroller (section 10) --
+    alpha: float = arg(0.1, "KL strength alpha in Eq. 3 (Table A9 sweeps 0..1; the README has our sweep)")
+    n_z: int = arg(8, "size of the controller code z (Table A9: 8)")
+    mc_hidden: int = arg(32, "history GRU, sequence embedding and decoder hidden sizes (Table A9: 32)")
+    mc_enc_hidden: int = arg(64, "encoder and switching-unit MLP hidden size (Table A9: encoder 64)")
+    mc_steps: int = arg(2000, "metacontroller optimiser steps (Table A9: 64,000 at batch 512)")
+    mc_batch: int = arg(128, "D* episodes per metacontroller batch")
+    mc_lr: float = arg(3e-3, "metacontroller learning rate (Table A9: 1e-3)")
+    mc_kl_warmup: float = arg(0.3, "fraction of the steps over which alpha ramps up from 0 (the paper: none)")
+    mc_gumbel: float = arg(0.0, "Gumbel-sigmoid temperature of beta in training, 0 = plain sigmoid (paper: plain; "
+                                "Gumbel for its grid rate-distortion plot)")
+    # -- internal RL (section 11) --
+    irl_lr: float = arg(1e-3, "AdamW learning rate of the internal-RL policy (Table A13: 3e-5 after a scan)")
+    irl_hidden: int = arg(64, "GRU width of the causal z-policy (Table A13: a 1-layer SSM of width 256)")
 
 
 # Per-task defaults: everything not listed here takes the dataclass default above.
@@ -151,7 +181,7 @@ TASK_PRESETS = {
     "grid": {},
     "ant": {},
 }
-STAGES = ("pretrain", "probe", "controllers")
+STAGES = ("pretrain", "probe", "controllers", "metacontroller", "rl")
 
 
 def parse_args(argv=None) -> Args:
@@ -175,7 +205,8 @@ def parse_args(argv=None) -> Args:
         sys.exit(f"internal_rl.py: error: unknown --stop-after {args.stop_after!r}; valid choices: {', '.join(STAGES)}")
     for f in dataclasses.fields(Args):
         v = getattr(args, f.name)
-        may_be_zero = ("seed", "epsilon", "obs_coef", "weight_decay", "warmup", "cooldown", "threads")
+        may_be_zero = ("seed", "epsilon", "obs_coef", "weight_decay", "warmup", "cooldown", "threads", "alpha",
+                       "mc_kl_warmup", "mc_gumbel")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if v < 0 or (v == 0 and f.name not in may_be_zero):
                 need = "non-negative" if f.name in may_be_zero else "positive"
@@ -238,20 +269,25 @@ def eta(t0: float, done: int, total: int) -> str:
     return f"{el:.0f}s elapsed, eta {left:.0f}s"
 
 
-# Which Args fields each stage depends on. A stage's fingerprint hashes these plus the fingerprint of the
-# stage before it, so changing e.g. --lr retrains pretraining, probes and controllers, while changing
-# --ctrl-lr retrains only the controllers.
+# Which Args fields each stage depends on, and which stage's output it builds on. A stage's fingerprint
+# hashes these plus the fingerprint of that parent stage, so changing e.g. --lr retrains everything, while
+# changing --ctrl-lr retrains only the controllers (nothing else reads them).
+STAGE_PARENT = {"pretrain": None, "probe": "pretrain", "controllers": "pretrain", "metacontroller": "pretrain",
+                "rl": "metacontroller"}
 STAGE_FIELDS = {
     "pretrain": ("task", "seed", "epsilon", "n_heldout", "batch_size", "bucket_batches", "n_layer", "n_head", "n_embd",
                  "mlp_mult", "rel_buckets", "rel_max_distance", "pretrain_steps", "lr", "warmup", "cooldown", "weight_decay", "obs_coef",
                  "grad_clip"),
     "probe": ("n_dstar", "n_probe", "probe_steps", "probe_lr"),
     "controllers": ("n_dstar", "ctrl_rank", "ctrl_steps", "ctrl_batch", "ctrl_lr", "ctrl_layers", "n_eval", "greedy"),
+    "metacontroller": ("n_dstar", "alpha", "n_z", "mc_hidden", "mc_enc_hidden", "ctrl_rank", "mc_steps", "mc_batch",
+                       "mc_lr", "mc_kl_warmup", "mc_gumbel", "bucket_batches"),
+    "rl": ("rl_episodes", "rl_batch", "rl_epochs", "clip_coef", "token_lr", "rl_eval", "irl_lr", "irl_hidden"),
 }
 
 
 def fingerprint(args: Args, stage: str) -> str:
-    prev = "" if stage == STAGES[0] else fingerprint(args, STAGES[STAGES.index(stage) - 1])
+    prev = "" if STAGE_PARENT[stage] is None else fingerprint(args, STAGE_PARENT[stage])
     cfg = {k: getattr(args, k) for k in STAGE_FIELDS[stage]}
     return hashlib.sha1((prev + json.dumps(cfg, sort_keys=True)).encode()).hexdigest()[:12]
 
@@ -353,6 +389,15 @@ def fresh_batches(rng: np.random.Generator, args: Args, device):
         chunks = [eps[i:i + args.batch_size] for i in range(0, len(eps), args.batch_size)]
         for j in rng.permutation(len(chunks)):
             yield collate(chunks[j], device)
+
+
+def sampled_batches(rng: np.random.Generator, episodes: list, size: int, n_bucket: int, device):
+    """Endless length-bucketed batches of episodes drawn (with replacement) from a stored set, e.g. D*."""
+    while True:
+        idx = sorted(rng.integers(len(episodes), size=size * n_bucket), key=lambda i: len(episodes[i]["actions"]))
+        chunks = [idx[i:i + size] for i in range(0, len(idx), size)]
+        for j in rng.permutation(len(chunks)):
+            yield collate([episodes[i] for i in chunks[j]], device)
 
 
 def batches_of(episodes: list, size: int, device):
@@ -539,6 +584,22 @@ class GPT(nn.Module):
     def new_cache(self) -> list:
         return [dict() for _ in self.blocks]
 
+    # The same computation as forward(), cut in two at layer l (Alg. 1-2 call them lower_blocks and
+    # upper_blocks). The metacontroller reads e_{t,l} = lower(o_{1:t}) and writes e + U e into upper();
+    # since a controller at layer l never changes e_{t,l} itself, lower() can run once without gradients.
+    def lower(self, cells, layer: int, cache=None):
+        """cells (B, T, 13) -> e_{t,layer} (B, T, D): the embedding and blocks 1..layer."""
+        x = self.embed(cells)                                                    # e_{t,0}   (B, T, D)
+        for l in range(layer):
+            x = self.blocks[l](x, self.buckets, None if cache is None else cache[l])
+        return x                                                                 # e_{t,layer} (B, T, D)
+
+    def upper(self, x, layer: int, cache=None):
+        """A (possibly controlled) residual at ``layer`` (B, T, D) -> action logits (B, T, 4): blocks layer+1..L."""
+        for l in range(layer, self.n_layer):
+            x = self.blocks[l](x, self.buckets, None if cache is None else cache[l])
+        return self.action_head(self.ln_f(x))                                    # (B, T, 4)
+
 
 def masked_ce(logits, target):
     """Mean cross-entropy over non-padded steps (target -1 = padding)."""
@@ -556,14 +617,16 @@ def masked_ce(logits, target):
 # exactly the logits of one full forward. We run n envs side by side, one batched forward per step.
 @torch.no_grad()
 def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_layer: int = -1,
-            greedy: bool = False, pretrain_tasks: bool = False) -> dict:
+            greedy: bool = False, pretrain_tasks: bool = False, record: bool = False) -> dict:
     """Run n episodes in lock-step, one batched forward per env step (KV cache: no recomputed prefix).
 
     ``ctrl_fn(x, g)``, if given, is the controller applied at ``ctrl_layer`` given each episode's current
     ground-truth subgoal g (B, 1) (section 8). Episode i uses env seed ``seed + i`` and, with
     ``pretrain_tasks``, the pretraining task i mod 16 (so every task is evaluated equally often).
     Returns the success rate, the fraction ended on a wrong colour (the rest of the failures are
-    time-outs), the mean number of task colours visited and the mean episode length."""
+    time-outs), the mean number of task colours visited and the mean episode length. With ``record``
+    it also returns the episodes themselves, for RL (section 9): ``cells`` (n, T, 13) the observations
+    o_1..o_T the model saw, ``actions`` (n, T), ``lengths`` (n,) and ``rewards`` (n,) (1 = success)."""
     # One env per episode, stepped in lock-step. We use the env classes directly (not gymnasium's vector
     # envs), so there is no autoreset: a finished episode simply stops being stepped.
     envs = [gw.GridPinpadEnv() for _ in range(n)]
@@ -575,8 +638,9 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
     gen = torch.Generator(device=device).manual_seed(seed)
     cache, alive = model.new_cache(), np.ones(n, dtype=bool)
     steps = np.zeros(n, dtype=np.int64)
+    seen, taken = [], []                                                                # for ``record``
     for _ in range(gw.MAX_STEPS):
-        cells = torch.tensor([env.cells() for env in envs], device=device)[:, None]     # (n, 1, 13)
+        cells = torch.tensor(np.array([env.cells() for env in envs]), device=device)[:, None]  # (n, 1, 13)
         g = torch.tensor([info["subgoal"] for info in infos], device=device)[:, None]   # (n, 1)
         # the controller is chosen by the env's *current* ground-truth subgoal (analysis only: an agent
         # that must discover its subgoals, the metacontroller, comes in the next sections)
@@ -586,6 +650,9 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
             acts = logits[:, 0].argmax(-1)
         else:
             acts = torch.multinomial(F.softmax(logits[:, 0], -1), 1, generator=gen)[:, 0]  # (n,)
+        if record:
+            seen.append(cells[:, 0])
+            taken.append(acts)
         acts = acts.tolist()
         for i, env in enumerate(envs):
             if alive[i]:                 # finished episodes keep feeding their last observation (ignored)
@@ -594,9 +661,17 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
                 alive[i] = not (term or trunc)
         if not alive.any():
             break
-    return {"success": float(np.mean([env.success for env in envs])),
-            "wrong_colour": float(np.mean([env.failed for env in envs])),        # the rest timed out
-            "colours": float(np.mean([env.progress for env in envs])), "length": float(steps.mean())}
+    out = {"success": float(np.mean([env.success for env in envs])),
+           "wrong_colour": float(np.mean([env.failed for env in envs])),         # the rest timed out
+           "colours": float(np.mean([env.progress for env in envs])), "length": float(steps.mean())}
+    if record:
+        out.update(cells=torch.stack(seen, 1), actions=torch.stack(taken, 1),              # (n, T, 13), (n, T)
+                   lengths=torch.tensor(steps, device=device),                             # (n,)
+                   rewards=torch.tensor([float(env.success) for env in envs], device=device),  # (n,)
+                   # the first colour each episode stepped on (-1: none), for section 11's prior-code diagnostic
+                   first_colour=[env.task[0] if env.progress else (int(env.kind[env.agent]) if env.failed else -1)
+                                 for env in envs])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -934,6 +1009,525 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
 
 
 # ---------------------------------------------------------------------------------------------------
+# 9. The RL toolkit and token-level RL                                    [P Sec. 8.3-8.4, App. C.5.2]
+# ---------------------------------------------------------------------------------------------------
+# The post-training task (0-1-2-3-4-5-6-7-0-1-2-3) pays a single reward of 1 when all 12 colours are
+# visited in order, else 0. Its subgoal order A-B-C-D-A-B uses only transitions that never occur in
+# pretraining, and its episodes are twice as long. Both RL methods of the paper use the same update
+# (App. C.5.2): a PPO-style clipped ratio with no critic, and one advantage per *trajectory*,
+#
+#     A_tau = (R(tau) - mean_B R) / (std_B R + 1e-3)                     (population std over the batch)
+#     L = -E_tau [ sum_t min( rho_t A_tau, clip(rho_t, 1 - eps, 1 + eps) A_tau ) ],
+#     rho_t = pi(act_t | s_{1:t}) / pi_old(act_t | s_{1:t}),
+#
+# like GRPO without groups. What differs between the methods is only *what an action is*:
+#   token-level RL: act_t = the primitive move a_t at every env step, pi = the whole base model (finetuned);
+#   internal RL:    act_k = the controller code z at the k-th switch only, pi = a small causal policy
+#                   over z; the base model and the metacontroller's decoder are part of the environment.
+# Section 11 is written as a diff against this section; the lines that differ carry # ALGO LOGIC.
+#
+#   Symbol   | Shape     | Meaning
+#   rewards  | (B,)      | R(tau) in {0, 1}
+#   adv      | (B,)      | A_tau, the same for every action of episode tau
+#   logp     | (B, T')   | log pi(act | history) of each action (T' = env steps, or switches for internal RL)
+#   mask     | (B, T')   | 1 where the action exists (episodes have different lengths / numbers of switches)
+#
+# Token-level RL starts from the pretrained model, which on this task succeeds essentially never (0 in
+# section 8's 500 episodes; PAPER.md 8.4: about once in a million): with no success in a batch every
+# advantage is 0 and the update does nothing. That is the paper's point about raw-action exploration.
+
+def trajectory_advantage(rewards):
+    """A_tau = (R - mean_B R) / (std_B R + 1e-3) (App. C.5.2): one number per episode (B,)."""
+    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-3)       # ALGO LOGIC: (B,)
+
+
+def ppo_loss(logp, logp_old, adv, mask, clip: float):
+    """-mean over all actions in the batch of min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - logp_old).
+
+    logp, logp_old, mask: (B, T') per action; adv: (B,) per episode, broadcast to each of its actions (one
+    public re-implementation used adv[0] for every episode; a test checks this against a slow loop)."""
+    ratio = torch.exp(logp - logp_old)                                             # (B, T')  rho
+    a = adv[:, None]                                                               # (B, 1)   A_tau
+    obj = torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)                # ALGO LOGIC: clipped surrogate
+    return -(obj * mask).sum() / mask.sum().clamp(min=1)
+
+
+def step_mask(lengths, T: int):
+    """(B,) lengths -> (B, T) float mask of the real steps."""
+    return (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).float()
+
+
+def token_logp(model: GPT, cells, actions):
+    """log p(a_t | o_{1:t}) of the taken actions (B, T) under the (trainable) base model."""
+    logits, _, _ = model(cells)                                                    # (B, T, 4)
+    return F.log_softmax(logits, -1).gather(-1, actions[..., None])[..., 0]        # (B, T)
+
+
+def rl_train(args: Args, tag: str, collect, logp_fn, params, lr: float, seed: int, log: Logger) -> dict:
+    """The shared RL loop (Alg. 3): collect B episodes with the current policy, one advantage per episode,
+    ``rl_epochs`` full-batch steps on the clipped objective; until ``rl_episodes`` episodes are used.
+
+    ``collect(n, seed)`` -> batch dict with ``rewards`` (B,), ``mask`` (B, T') and whatever ``logp_fn``
+    needs; ``logp_fn(batch)`` -> (B, T') log-probabilities of the batch's actions under the current policy.
+    Returns the learning curve: [episodes so far, success rate of that batch] per batch."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.999))   # Table A13: wd 0
+    curve, episodes, t0 = [], 0, time.time()
+    n_batches = math.ceil(args.rl_episodes / args.rl_batch)
+    for it in range(1, n_batches + 1):
+        batch = collect(args.rl_batch, seed + episodes)          # fresh env seeds for every episode
+        episodes += args.rl_batch
+        R = batch["rewards"]
+        curve.append([episodes, float(R.mean())])
+        if R.std() > 0:          # an all-0 (or all-1) batch has every advantage 0: nothing to learn from
+            adv = trajectory_advantage(R)                                          # (B,)
+            with torch.no_grad():
+                logp_old = logp_fn(batch)                                          # (B, T') pi_old
+            for _ in range(args.rl_epochs):
+                loss = ppo_loss(logp_fn(batch), logp_old, adv, batch["mask"], args.clip_coef)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                opt.step()
+        if it % max(1, n_batches // 12) == 0 or it == n_batches:
+            recent = np.mean([c[1] for c in curve[-max(1, n_batches // 12):]])
+            log(tag, f"episodes {episodes}/{n_batches * args.rl_batch} | batch success {R.mean():.3f} "
+                f"(recent mean {recent:.3f}) | {eta(t0, it, n_batches)}", episodes=episodes, success=float(R.mean()))
+    return {"curve": curve, "episodes": episodes, "train_time_s": time.time() - t0}
+
+
+def token_rl(args: Args, model: GPT, seed: int, device, log: Logger):
+    """Token-level RL: finetune a copy of the pretrained base model on primitive actions (PAPER.md 8.4)."""
+    policy = copy.deepcopy(model).requires_grad_(True)     # the frozen original stays untouched
+
+    def collect(n, s):
+        r = rollout(policy, gw.POSTTRAIN_TASK, n, s, device, record=True)
+        return {"rewards": r["rewards"], "cells": r["cells"], "actions": r["actions"],
+                "mask": step_mask(r["lengths"], r["actions"].shape[1])}
+
+    logp_fn = lambda b: token_logp(policy, b["cells"], b["actions"])             # ALGO LOGIC: act = a_t, every step
+    m = rl_train(args, "9 token_rl", collect, logp_fn, list(policy.parameters()), args.token_lr, seed, log)
+    return policy, m
+
+
+# ---------------------------------------------------------------------------------------------------
+# 10. The metacontroller: discovering subgoals and when to switch      [P Sec. 6, Eq. 2-3, App. D.2, Table A9]
+# ---------------------------------------------------------------------------------------------------
+# Section 8 needed the true subgoal labels. The metacontroller finds controllers *and* their timing
+# without labels, self-supervised on D*, reading the frozen model's residual e_t = e_{t,L/2} and writing
+# a controller back at the same layer:
+#
+#   s     = f_emb(e_{1:T})                           non-causal sequence embedding (sees the future) Eq. 13
+#   h_t   = GRU(e_t, h_{t-1})                        history                                         Eq. 12
+#   mu_t, Sigma_t = f_enc(e_t, h_{t-1}, s);  z~_t ~ N(mu_t, Sigma_t)    proposal for a new code      Eq. 14-15
+#   beta_t = f_switch(e_t, h_{t-1}, z_{t-1}) in [0, 1]     causal switching unit (no s: usable at test time) Eq. 16
+#   z_t   = beta_t z~_t + (1 - beta_t) z_{t-1}      temporal integration                             Eq. 2
+#   U_t   = f_hyp(z_t) = A(z_t) B(z_t)^T            hypernetwork decoder, rank r = 16                Eq. 18
+#   e_t  <- e_t + U_t e_t                           then the frozen upper blocks predict a_t        Eq. 11
+#
+# Loss (Eq. 3 with lambda = 0): sum_t [ -ln p(a_t | o_{1:t}, z_{1:t}) + alpha KL(N(mu_t, Sigma_t) || N(0, I)) ].
+# The KL is charged at *every* step, not weighted by beta (App. E.1 shows the relaxed per-step KL is this
+# whatever beta is; weighting by beta is a bug one re-implementation shipped). Why switching then comes
+# out sparse: when beta_t ~ 0 the proposal z~_t is unused, so the encoder can put it at the prior for
+# free; every bit about the future that the decoder gets costs KL only at the steps where beta lets it in.
+# Sending one code per subgoal, at its start, is the cheapest way to buy the NLL the subgoal is worth.
+#
+#   Symbol     | Shape          | Meaning
+#   e          | (B, T, D)      | e_{t,L/2} of the frozen model on D* episodes (no controller below L/2)
+#   s          | (B, S)         | sequence embedding, S = mc_hidden (32)
+#   h          | (B, T, H)      | history GRU states h_1..h_T, H = mc_hidden
+#   mu, logvar | (B, T, Z)      | Gaussian proposal, Z = n_z (8)
+#   beta       | (B, T)         | switching gate (beta_1 = 1: the first step always picks a code)
+#   z          | (B, T, Z)      | integrated code
+#   A, Bm      | (B, T, D, r)   | U_t = A Bm^T
+#
+# The forced-switching ablation (App. C.4.1) trains the same module with beta_t = 1 at every step.
+
+def gaussian_kl(mu, logvar):
+    """KL(N(mu, diag exp(logvar)) || N(0, I)) summed over the last axis (the alpha term of Eq. 3)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(-1)                        # ALGO LOGIC: closed form
+
+
+class MetaController(nn.Module):
+    def __init__(self, args: Args):
+        super().__init__()
+        D, Z, H, E, r = args.n_embd, args.n_z, args.mc_hidden, args.mc_enc_hidden, args.ctrl_rank
+        self.D, self.r, self.gumbel = D, r, args.mc_gumbel
+        # internal sequence embedder (Eq. 13): a bidirectional GRU over the whole sequence, its outputs
+        # averaged over the real steps (our choice of pooling; the paper does not say), then linear.
+        self.embedder = nn.GRU(D, H, batch_first=True, bidirectional=True)
+        self.emb_out = nn.Linear(2 * H, H)
+        self.history = nn.GRU(D, H, batch_first=True)                                    # Eq. 12
+        self.encoder = nn.Sequential(nn.Linear(D + H + H, E), nn.ReLU(), nn.Linear(E, 2 * Z))  # Eq. 14
+        self.switch = nn.Sequential(nn.Linear(D + H + Z, E), nn.ReLU(), nn.Linear(E, 1))       # Eq. 16
+        self.decoder = nn.Sequential(nn.Linear(Z, H), nn.ReLU(), nn.Linear(H, 2 * D * r))      # Eq. 18
+        # LoRA-style start: the A half of the decoder's output is exactly 0 (U = 0, the identity), the B
+        # half is random, so the first gradient step already moves U.
+        last = self.decoder[2]
+        with torch.no_grad():
+            last.weight[:D * r].zero_()
+            last.bias[:D * r].zero_()
+            last.weight[D * r:].normal_(0, 0.02)
+            last.bias[D * r:].normal_(0, 1 / math.sqrt(D))
+
+    def factors(self, z):
+        """z (..., Z) -> A, Bm (..., D, r): the low-rank controller U = A Bm^T (Eq. 18)."""
+        out = self.decoder(z).unflatten(-1, (2, self.D, self.r))                         # (..., 2, D, r)
+        return out[..., 0, :, :], out[..., 1, :, :]
+
+    def apply(self, z, e):
+        """U(z_t) e_t at every step, the same numbers as apply_controller(e, *self.factors(z)) (a test checks).
+
+        Forming A(z_t), Bm(z_t) for every step costs a (B, T, 2 D r) tensor and many tiny matmuls; but the
+        decoder's last layer is linear in its hidden layer h = relu(W1 z + b1), A[d,i] = sum_j Wa[d,i,j] h_j
+        + ba[d,i] (and the same for Bm), so Bm^T e and A (Bm^T e) are two ordinary matmuls (~10x faster)."""
+        D, r = self.D, self.r
+        h = self.decoder[1](self.decoder[0](z))                                          # (B, T, H)
+        W, b = self.decoder[2].weight, self.decoder[2].bias                              # (2 D r, H), (2 D r,)
+        Wa, Wb = W.view(2, D * r, -1).unbind(0)                                          # (D r, H) each
+        ba, bb = b.view(2, D, r).unbind(0)                                               # (D, r) each
+        P = (e @ Wb.view(D, -1)).unflatten(-1, (r, h.shape[-1]))                         # (B, T, r, H)
+        coef = (P * h[..., None, :]).sum(-1) + e @ bb                                    # Bm(z)^T e    (B, T, r)
+        outer = (coef[..., :, None] * h[..., None, :]).flatten(-2)                       # (B, T, r H)
+        return outer @ Wa.view(D, -1).T + coef @ ba.T                                    # A(z) Bm(z)^T e  (B, T, D)
+
+    def switch_prob(self, e, h_prev, z_prev, noisy: bool = False):
+        """beta_t = f_switch(e_t, h_{t-1}, z_{t-1}) (Eq. 16): causal, no access to s. (B, D) -> (B,)
+
+        ``noisy`` (training with --mc-gumbel > 0): a Gumbel-sigmoid sample, sigmoid((logit + logistic noise) / tau),
+        which makes in-between values of beta noisy and so pushes the gate towards 0 or 1."""
+        logit = self.switch(torch.cat([e, h_prev, z_prev], -1))[..., 0]                 # (B,)
+        if noisy and self.gumbel > 0:
+            u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
+            logit = (logit + torch.log(u) - torch.log1p(-u)) / self.gumbel
+        return torch.sigmoid(logit)                                                      # ALGO LOGIC: switching gate
+
+    def sequence_embedding(self, e, lengths):
+        """s = f_emb(e_{1:T}) (B, S): the non-causal part (every step of the episode, future included)."""
+        packed = nn.utils.rnn.pack_padded_sequence(e, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.embedder(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=e.shape[1])  # (B, T, 2H)
+        mask = step_mask(lengths, e.shape[1])[..., None]                                  # (B, T, 1)
+        return self.emb_out((out * mask).sum(1) / lengths[:, None].float())             # (B, S)
+
+    def forward(self, e, lengths, forced: bool = False, sample: bool = True):
+        """e (B, T, D) -> z (B, T, Z), kl (B, T), beta (B, T); U_t = f_hyp(z_t). ``forced``: beta = 1 (ablation)."""
+        B, T, _ = e.shape
+        s = self.sequence_embedding(e, lengths)                                          # (B, S)
+        h, _ = self.history(e)                                                           # (B, T, H) h_1..h_T
+        h_prev = torch.cat([h.new_zeros(B, 1, h.shape[-1]), h[:, :-1]], 1)              # (B, T, H) h_{t-1}, h_0 = 0
+        stats = self.encoder(torch.cat([e, h_prev, s[:, None].expand(B, T, s.shape[-1])], -1))
+        mu, logvar = stats.chunk(2, -1)                                                  # (B, T, Z) each, Eq. 14
+        logvar = logvar.clamp(-10, 5)
+        z_tilde = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu  # Eq. 15, reparameterised
+        kl = gaussian_kl(mu, logvar)                                                     # (B, T) charged at every step
+        z, zs, betas = e.new_zeros(B, mu.shape[-1]), [], []
+        # the only sequential part: beta_t reads z_{t-1}. (unbind() slices once; indexing [:, t] inside the
+        # loop would make autograd build a full-size zero tensor per step, O(T^2).)
+        e_t, h_t, zt_t = e.unbind(1), h_prev.unbind(1), z_tilde.unbind(1)
+        for t in range(T):
+            if t == 0 or forced:
+                beta = e.new_ones(B)                                                     # (B,)
+            else:
+                beta = self.switch_prob(e_t[t], h_t[t], z, noisy=sample)                # (B,)
+            z = beta[:, None] * zt_t[t] + (1 - beta[:, None]) * z                      # ALGO LOGIC: Eq. 2 (B, Z)
+            zs.append(z)
+            betas.append(beta)
+        return torch.stack(zs, 1), kl, torch.stack(betas, 1)                            # (B, T, Z), (B, T), (B, T)
+
+
+def mc_loss(model: GPT, mc: MetaController, b: dict, layer: int, alpha: float, forced: bool = False):
+    """Eq. 3 with lambda = 0 on a D* batch: action NLL through the frozen model + alpha * mean per-step KL."""
+    with torch.no_grad():
+        e = model.lower(b["cells"], layer)                     # (B, T, D) the controller never changes e_{t,l}
+    lengths = (b["actions"] >= 0).sum(1)                                                 # (B,)
+    z, kl, beta = mc(e, lengths, forced)
+    logits = model.upper(e + mc.apply(z, e), layer)                                      # ALGO LOGIC: Eq. 11, (B, T, 4)
+    nll = masked_ce(logits, b["actions"])
+    mask = step_mask(lengths, e.shape[1])                                                # (B, T)
+    kl_mean = (kl * mask).sum() / mask.sum()
+    return nll + alpha * kl_mean, nll, kl_mean, beta, mask                              # ALGO LOGIC: Eq. 3
+
+
+def boundary_f1(beta, subgoals, lengths, tol: int = 1) -> dict:
+    """Switches (beta >= 0.5) against ground-truth subgoal changes, per episode, matched within +-tol steps.
+
+    The first step never counts (every episode starts with a code). A predicted switch matches at most one
+    true boundary and vice versa (greedy, in time order). Returns precision, recall, F1, switch rate."""
+    tp = n_pred = n_true = n_steps = 0
+    for bt, g, n in zip(beta.tolist(), subgoals.tolist(), lengths.tolist()):
+        pred = [t for t in range(1, n) if bt[t] >= 0.5]
+        true = [t for t in range(1, n) if g[t] != g[t - 1]]
+        used = set()
+        for t in true:
+            best = min((p for p in pred if abs(p - t) <= tol and p not in used), key=lambda p: abs(p - t), default=None)
+            if best is not None:
+                used.add(best)
+                tp += 1
+        n_pred, n_true, n_steps = n_pred + len(pred), n_true + len(true), n_steps + max(n - 1, 0)
+    prec, rec = tp / max(n_pred, 1), tp / max(n_true, 1)
+    return {"precision": prec, "recall": rec, "f1": 2 * prec * rec / max(prec + rec, 1e-9),
+            "switch_rate": n_pred / max(n_steps, 1)}
+
+
+@torch.no_grad()
+def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int, device) -> dict:
+    """Held-out switch statistics (posterior means, no sampling), plus NLL, KL and a beta histogram."""
+    betas, subgoals, lens, nll, kl, n = [], [], [], 0.0, 0.0, 0
+    for b in batches_of(episodes, 256, device):
+        e = model.lower(b["cells"], layer)
+        lengths = (b["actions"] >= 0).sum(1)
+        z, k, beta = mc(e, lengths, sample=False)
+        logits = model.upper(e + mc.apply(z, e), layer)
+        m = b["actions"] >= 0
+        nll += F.cross_entropy(logits[m], b["actions"][m], reduction="sum").item()
+        kl += k[m].sum().item()
+        n += int(m.sum())
+        betas += beta.tolist()
+        subgoals += b["subgoals"].tolist()
+        lens += lengths.tolist()
+    T = max(len(x) for x in betas)
+    pad = lambda rows, v: torch.tensor([r + [v] * (T - len(r)) for r in rows])
+    beta, g, L = pad(betas, 0.0), pad(subgoals, -1), torch.tensor(lens)
+    out = boundary_f1(beta, g, L)
+    real = step_mask(L, T).bool() & (torch.arange(T)[None] > 0)
+    out.update(nll=nll / n, kl=kl / n, beta_hist=torch.histc(beta[real], bins=10, min=0, max=1).int().tolist(),
+               examples=[{"beta": [round(x, 3) for x in betas[i][:lens[i]]], "subgoals": subgoals[i][:lens[i]]}
+                         for i in range(0, len(betas), max(1, len(betas) // 6))][:6])   # for the Fig. 6/A3 plot
+    return out
+
+
+def train_metacontroller(args: Args, model: GPT, data: dict, device, log: Logger, forced: bool, tag: str):
+    """Minimise Eq. 3 on D* with the base model frozen; only the metacontroller's parameters train."""
+    torch.manual_seed(args.seed + (7 if forced else 0))
+    mc = MetaController(args).to(device)
+    opt = torch.optim.AdamW(mc.parameters(), lr=args.mc_lr, weight_decay=args.weight_decay)
+    rng, mid, t0 = np.random.default_rng(args.seed + (300 if forced else 200)), args.n_layer // 2, time.time()
+    stream = sampled_batches(rng, data["dstar_train"], args.mc_batch, args.bucket_batches, device)
+    for step in range(1, args.mc_steps + 1):
+        b = next(stream)
+        # KL warm-up: with the full alpha from step 1 the encoder learns to send nothing (KL -> 0, a collapsed
+        # posterior) before the decoder has learned to use anything; ramping alpha avoids that.
+        alpha = args.alpha * min(1.0, step / max(1.0, args.mc_kl_warmup * args.mc_steps))
+        loss, nll, kl, beta, mask = mc_loss(model, mc, b, mid, alpha, forced)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(mc.parameters(), args.grad_clip)
+        opt.step()
+        if step % args.log_every == 0 or step == args.mc_steps:
+            rate = float(((beta >= 0.5).float() * mask)[:, 1:].sum() / mask[:, 1:].sum())
+            log(f"10 {tag}", f"step {step}/{args.mc_steps} | nll {nll.item():.3f} | kl {kl.item():.3f} | switch rate "
+                f"{rate:.3f} | {eta(t0, step, args.mc_steps)}", step=step, nll=nll.item(), kl=kl.item(), switch_rate=rate)
+    return mc
+
+
+def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger):
+    """Train the metacontroller and its forced-switching ablation; measure switch alignment on held-out D*."""
+    path = os.path.join(args.out, "metacontroller.pt")
+    fp = fingerprint(args, "metacontroller")
+    mcs = {"mc": MetaController(args).to(device), "mc_forced": MetaController(args).to(device)}
+    ck = load_ckpt(path, fp, log, "10 metacontroller")
+    if ck is not None:
+        for k, m in mcs.items():
+            load_weights(m, {"model": ck[k]}, path)
+        log("10 metacontroller", f"reusing {path}")
+        return mcs, ck["metrics"]
+    t0, mid = time.time(), args.n_layer // 2
+    mcs["mc"] = train_metacontroller(args, model, data, device, log, forced=False, tag="metacontroller")
+    al = switch_alignment(model, mcs["mc"], data["dstar_heldout"][:args.n_probe // 2], mid, device)
+    rate = al["switch_rate"]
+    verdict = ("COLLAPSED: it never switches after the first step" if rate < 0.01 else
+               "COLLAPSED: it switches at (almost) every step" if rate > 0.9 else "sparse switching")
+    log("10 metacontroller", f"held-out D*: nll {al['nll']:.3f} | kl {al['kl']:.3f} | switch rate {rate:.3f} ({verdict}) | "
+        f"switches vs subgoal boundaries (+-1 step): precision {al['precision']:.3f} recall {al['recall']:.3f} "
+        f"F1 {al['f1']:.3f} | beta histogram (0..1, 10 bins) {al['beta_hist']}", **al)
+    mcs["mc_forced"] = train_metacontroller(args, model, data, device, log, forced=True, tag="metacontroller-forced")
+    forced_nll = switch_alignment(model, mcs["mc_forced"], data["dstar_heldout"][:args.n_probe // 2], mid, device)["nll"]
+    log("10 metacontroller-forced", f"held-out D* nll {forced_nll:.3f} (beta = 1 at every step)")
+    metrics = {"switch_f1": al["f1"], "switch_precision": al["precision"], "switch_recall": al["recall"],
+               "switch_rate": rate, "switch_collapse": verdict, "mc_nll": al["nll"], "mc_kl": al["kl"],
+               "beta_hist": al["beta_hist"], "beta_examples": al["examples"], "mc_forced_nll": forced_nll, "train_time_s": time.time() - t0}
+    save_ckpt(path, {"fingerprint": fp, "metrics": metrics, **{k: m.state_dict() for k, m in mcs.items()}})
+    return mcs, metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# 11. Internal RL: RL in the metacontroller's code space                 [P Sec. 8.1-8.2, Alg. 1-3, App. D.3]
+# ---------------------------------------------------------------------------------------------------
+# Internal RL is section 9's loop with a different agent. The non-causal encoder (it saw the future) is
+# dropped; a causal policy pi(z | e at the decisions so far) takes its place. Everything else is frozen and
+# becomes part of the environment (Alg. 1-2): the base model, the history GRU, the switching unit and
+# the decoder. At each env step t:
+#
+#   e_t = lower_blocks(o_{1:t})                      the frozen model sees the whole history (KV cache)
+#   switch if t = 1 or beta_t = f_switch(e_t, h_{t-1}, z_{t-1}) >= 0.5        (binarised, Alg. 2)
+#   on a switch: z ~ pi(. | e at this and the earlier switches)              <- the RL action
+#   otherwise:   z unchanged, so U = f_hyp(z) unchanged (a temporally-abstract action)
+#   a_t ~ upper_blocks(e_t + U e_t); env.step(a_t)
+#
+# So the RL "episode" is the handful of switch points (about 6 on the post-training task if the switches
+# sit at subgoal boundaries), not ~60 primitive steps, and each action is an 8-dim code instead of a move:
+# the credit-assignment problem shrinks accordingly (App. E.2). The policy starts as the prior N(0, I),
+# which is what the decoder was trained to understand. The forced-switching ablation runs the same code
+# with the beta = 1 metacontroller: a new z at every step.
+#
+#   Symbol    | Shape        | Meaning
+#   e_dec     | (B, K, D)    | residual e_{t,L/2} at the K decision points of each episode
+#   z_dec     | (B, K, Z)    | the codes chosen there
+#   mask      | (B, K)       | 1 for real decisions (episodes have different numbers of switches)
+
+class ZPolicy(nn.Module):
+    """pi(z_k | e_{t_1..t_k}): a GRU over the residuals at decision points, a Gaussian over z (init: N(0, I))."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.gru = nn.GRU(args.n_embd, args.irl_hidden, batch_first=True)
+        self.mu = nn.Linear(args.irl_hidden, args.n_z)
+        nn.init.zeros_(self.mu.weight)                       # mean 0 and std 1 at the start: the prior N(0, I)
+        nn.init.zeros_(self.mu.bias)
+        self.log_std = nn.Parameter(torch.zeros(args.n_z))
+
+    def log_prob(self, e_dec, z_dec):
+        """log pi(z_k | e_{t_1..t_k}) for whole decision sequences: (B, K, D), (B, K, Z) -> (B, K)."""
+        out, _ = self.gru(e_dec)                                                          # (B, K, H)
+        return torch.distributions.Normal(self.mu(out), self.log_std.exp()).log_prob(z_dec).sum(-1)
+
+
+class InternalAgent:
+    """The frozen metacontroller parts plus the z-policy, as a stateful controller for rollout() (Alg. 1-2).
+
+    rollout() calls ``agent(x, g)`` once per env step with x = e_{t,L/2} (n, 1, D) and adds the returned
+    U_t x to the residual stream; ``g`` (the true subgoal) is ignored: internal RL never sees labels."""
+
+    def __init__(self, mc: MetaController, policy: ZPolicy, n: int, seed: int, forced: bool):
+        self.mc, self.pi, self.forced, self.t = mc, policy, forced, 0
+        dev = policy.mu.weight.device
+        self.h = torch.zeros(n, mc.history.hidden_size, device=dev)            # h_{t-1} of the history GRU
+        self.z = torch.zeros(n, policy.mu.out_features, device=dev)           # z_{t-1}
+        self.h_pi = torch.zeros(1, n, policy.gru.hidden_size, device=dev)     # the policy's own state
+        self.gen = torch.Generator(device=dev).manual_seed(seed)
+        self.decide, self.e, self.zs = [], [], []                               # per step, for the update
+
+    @torch.no_grad()
+    def __call__(self, x, g=None):
+        e = x[:, 0]                                                                       # (n, D) e_t
+        if self.t == 0 or self.forced:
+            decide = torch.ones(e.shape[0], dtype=torch.bool, device=e.device)
+        else:
+            decide = self.mc.switch_prob(e, self.h, self.z) >= 0.5                        # ALGO LOGIC: Heaviside(beta - 0.5)
+        out, h_pi = self.pi.gru(e[:, None], self.h_pi)                                  # (n, 1, H)
+        mu = self.pi.mu(out[:, 0])
+        z_new = mu + self.pi.log_std.exp() * torch.randn(mu.shape, generator=self.gen, device=e.device)  # ALGO LOGIC: z ~ pi
+        self.z = torch.where(decide[:, None], z_new, self.z)                          # new code only on a switch
+        self.h_pi = torch.where(decide[None, :, None], h_pi, self.h_pi)               # the policy advances only then
+        self.decide.append(decide)
+        self.e.append(e)
+        self.zs.append(z_new)
+        _, h = self.mc.history(e[:, None], self.h[None])                               # h_t = GRU(e_t, h_{t-1})
+        self.h, self.t = h[0], self.t + 1
+        A, Bm = self.mc.factors(self.z)                                                 # (n, D, r) each
+        return apply_controller(x, A[:, None], Bm[:, None])                             # U_t e_t (n, 1, D)
+
+    def decisions(self, lengths):
+        """Compact each episode's decision points into (n, K) sequences: e_dec, z_dec, mask."""
+        T = len(self.decide)
+        dec = torch.stack(self.decide, 1) & (step_mask(lengths, T) > 0)                   # (n, T) only real steps
+        e, z = torch.stack(self.e, 1), torch.stack(self.zs, 1)                           # (n, T, D), (n, T, Z)
+        K = int(dec.sum(1).max())
+        e_dec, z_dec = e.new_zeros(e.shape[0], K, e.shape[2]), z.new_zeros(z.shape[0], K, z.shape[2])
+        mask = torch.zeros(e.shape[0], K, device=e.device)
+        for i in range(e.shape[0]):
+            idx = dec[i].nonzero()[:, 0]
+            e_dec[i, :len(idx)], z_dec[i, :len(idx)], mask[i, :len(idx)] = e[i, idx], z[i, idx], 1.0
+        return e_dec, z_dec, mask
+
+
+@torch.no_grad()
+def prior_code_diagnostic(model: GPT, mc: MetaController, layer: int, seed: int, device, n_codes: int = 16,
+                          n_eps: int = 32) -> dict:
+    """What do codes drawn from the prior do? This is what the untrained internal-RL policy explores with.
+
+    Each of ``n_codes`` codes z ~ N(0, I) is held fixed (U = f_hyp(z) throughout) for ``n_eps`` post-training
+    episodes on different layouts; we record the first colour each episode steps on. A code that means
+    "go to pair k" sends most of its episodes to a colour of pair k: its *consistency* (the share of its
+    episodes that go to its most common pair) is high, and different codes should cover different pairs.
+    The uncontrolled base model on the same layouts is the reference."""
+    z = torch.randn(n_codes, mc.decoder[0].in_features, generator=torch.Generator().manual_seed(seed)).to(device)
+    z = z.repeat_interleave(n_eps, 0)[:, None]                                          # (n_codes * n_eps, 1, Z)
+    r = rollout(model, gw.POSTTRAIN_TASK, n_codes * n_eps, seed, device, ctrl_fn=lambda x, g: mc.apply(z, x),
+                ctrl_layer=layer, record=True)
+    base = rollout(model, gw.POSTTRAIN_TASK, n_codes * n_eps, seed, device, record=True)
+    def pairs(first, n):                        # per code: share going to its most common pair, and that pair
+        out = []
+        for c in range(len(first) // n):
+            p = [f // 2 for f in first[c * n:(c + 1) * n] if f >= 0]
+            top = max(range(gw.N_SUBGOALS), key=p.count) if p else -1
+            out.append((p.count(top) / n if p else 0.0, top))
+        return out
+    codes, ref = pairs(r["first_colour"], n_eps), pairs(base["first_colour"], n_eps)
+    return {"consistency": float(np.mean([c for c, _ in codes])), "base_consistency": float(np.mean([c for c, _ in ref])),
+            "distinct_pairs": len({p for _, p in codes if p >= 0}), "top_pairs": [p for _, p in codes]}
+
+
+def internal_rl(args: Args, model: GPT, mc: MetaController, seed: int, device, log: Logger, forced: bool, name: str):
+    """Internal RL (Alg. 3): section 9's loop, but the actions are codes z at switch points."""
+    mc.requires_grad_(False)                                   # base, switch, decoder, history: all frozen
+    torch.manual_seed(args.seed + (11 if forced else 10))
+    policy = ZPolicy(args).to(device)                          # the only trainable part
+    mid = args.n_layer // 2
+
+    def collect(n, s):
+        agent = InternalAgent(mc, policy, n, s + 1, forced)
+        r = rollout(model, gw.POSTTRAIN_TASK, n, s, device, ctrl_fn=agent, ctrl_layer=mid, record=True)
+        e_dec, z_dec, mask = agent.decisions(r["lengths"])                              # ALGO LOGIC: act = z at switches
+        return {"rewards": r["rewards"], "e": e_dec, "z": z_dec, "mask": mask, "n_decisions": float(mask.sum(1).mean())}
+
+    logp_fn = lambda b: policy.log_prob(b["e"], b["z"])                                  # ALGO LOGIC: log pi(z | e)
+    m = rl_train(args, f"11 {name}", collect, logp_fn, list(policy.parameters()), args.irl_lr, seed, log)
+    return policy, collect, m
+
+
+def rl_stage(args: Args, model: GPT, mcs: dict, data: dict, device, log: Logger) -> dict:
+    """Token-level RL, internal RL and the forced-switching ablation, same episode budget, same final test."""
+    fp = fingerprint(args, "rl")
+    train_seed, test_seed = data["eval_seed"] + 3 * 10 ** 6, data["eval_seed"] + 2 * 10 ** 6   # disjoint env seeds
+    results, mid = {}, args.n_layer // 2
+    # Before any RL: what do codes from the prior do? (the untrained internal-RL policy samples exactly these)
+    pc = prior_code_diagnostic(model, mcs["mc"], mid, data["eval_seed"] + 4 * 10 ** 6, device)
+    log("11 internal_rl", f"prior codes held fixed for whole episodes: {pc['distinct_pairs']} of 4 subgoals are some "
+        f"code's most common first pair; consistency {pc['consistency']:.2f} (share of a code's episodes going to "
+        f"its most common pair; uncontrolled base model on the same layouts {pc['base_consistency']:.2f})", **pc)
+    results["prior_codes"] = pc
+    for name in ("token_rl", "internal_rl", "internal_rl_no_temporal"):
+        path = os.path.join(args.out, f"{name}.pt")
+        tag = f"9 {name}" if name == "token_rl" else f"11 {name}"
+        ck = load_ckpt(path, fp, log, tag)
+        if ck is not None:
+            log(tag, f"reusing {path}")
+            results[name] = ck["metrics"]
+            continue
+        t0 = time.time()
+        if name == "token_rl":
+            policy, m = token_rl(args, model, train_seed, device, log)
+            test = rollout(policy, gw.POSTTRAIN_TASK, args.rl_eval, test_seed, device)
+        else:
+            forced = name.endswith("no_temporal")
+            mc = mcs["mc_forced" if forced else "mc"]
+            policy, collect, m = internal_rl(args, model, mc, train_seed, device, log, forced, name)
+            agent = InternalAgent(mc, policy, args.rl_eval, test_seed + 1, forced)
+            test = rollout(model, gw.POSTTRAIN_TASK, args.rl_eval, test_seed, device, ctrl_fn=agent, ctrl_layer=mid,
+                           record=True)
+            m["decisions_per_episode"] = float(agent.decisions(test["lengths"])[2].sum(1).mean())
+        m.update(success=test["success"], colours=test["colours"], wrong_colour=test["wrong_colour"],
+                 train_time_s=time.time() - t0)
+        log(tag, f"final test on {args.rl_eval} post-training episodes (unseen env seeds): success "
+            f"{test['success']:.3f} | {test['colours']:.1f} of 12 colours | trained on {m['episodes']} episodes "
+            f"in {m['train_time_s']:.0f}s", success=test["success"])
+        results[name] = m
+        save_ckpt(path, {"fingerprint": fp, "metrics": m})
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
 # 12. Figures
 # ---------------------------------------------------------------------------------------------------
 def make_figures(args: Args, results: dict) -> list:
@@ -990,6 +1584,31 @@ def make_figures(args: Args, results: dict) -> list:
                xticks=range(L1), ylim=(0, 1))
         ax.legend(frameon=False, fontsize=7)
         save(fig, "controller_success.png")
+    if "beta_examples" in results:              # Fig. 6 / A3: beta_t over time, ground-truth subgoals as bands
+        ex = results["beta_examples"]
+        fig, axes = plt.subplots(len(ex), 1, figsize=(5.5, 1.1 * len(ex) + 0.6), sharex=True, squeeze=False)
+        for ax, e in zip(axes[:, 0], ex):
+            for t, g in enumerate(e["subgoals"]):
+                ax.axvspan(t - 0.5, t + 0.5, color=f"C{g}", alpha=0.25, lw=0)
+            ax.plot(range(len(e["beta"])), e["beta"], "k.-", lw=1, ms=3)
+            ax.axhline(0.5, ls=":", color="grey", lw=0.8)
+            ax.set(ylim=(-0.05, 1.05), yticks=[0, 1], ylabel="beta")
+        axes[0, 0].set_title(f"Switching gate on held-out D* (bands: true subgoal; F1 {results['switch_f1']:.2f})", fontsize=8)
+        axes[-1, 0].set_xlabel("time step t")
+        save(fig, "beta_traces.png")
+    methods = [(k, lab) for k, lab in (("internal_rl", "internal RL"), ("internal_rl_no_temporal", "internal RL, beta = 1"),
+                                       ("token_rl", "token-level RL")) if k in results]
+    if methods:                                  # Fig. 8 (linear) and Fig. A5 (log episodes)
+        for xscale, name in (("linear", "rl_curves.png"), ("log", "rl_curves_log.png")):
+            fig, ax = plt.subplots(figsize=(4.5, 3.2))
+            for k, lab in methods:
+                c = np.array(results[k]["curve"])
+                w = max(1, len(c) // 20)                     # moving average over batches, for readability
+                ax.plot(c[:, 0], np.convolve(c[:, 1], np.ones(w) / w, mode="same"), label=f"{lab} (test {results[k]['success']:.2f})")
+            ax.set(xscale=xscale, xlabel="training episodes", ylabel="success (training batches)", ylim=(-0.02, 1.02),
+                   title="Post-training task, sparse reward")
+            ax.legend(frameon=False, fontsize=7)
+            save(fig, name)
     return paths
 
 
@@ -1014,6 +1633,13 @@ def main(argv=None) -> dict:
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
 
+    def finish():
+        figs = make_figures(args, results)
+        write_results()
+        log("13 main", f"done in {results['wall_time_s'] / 60:.1f} min (stage {args.stop_after}) | results.json and "
+            f"figures in {args.out}: {', '.join(os.path.basename(f) for f in figs)}")
+        return results
+
     t = time.time()
     data = make_datasets(args)
     stage_time["data"] = time.time() - t
@@ -1029,28 +1655,41 @@ def main(argv=None) -> dict:
     model.eval()
     write_results()
     if args.stop_after == "pretrain":
-        make_figures(args, results)
-        return results
+        return finish()
 
     t = time.time()
     results.update({k: v for k, v in probe_stage(args, model, data, device, log).items() if k != "train_time_s"})
     stage_time["probe"] = time.time() - t
     write_results()
     if args.stop_after == "probe":
-        make_figures(args, results)
-        return results
+        return finish()
 
     t = time.time()
     results.update({k: v for k, v in controller_stage(args, model, data, device, log).items() if k != "train_time_s"})
     stage_time["controllers"] = time.time() - t
-    figs = make_figures(args, results)
     write_results()
     mid = args.n_layer // 2
-    log("13 main", f"done in {results['wall_time_s'] / 60:.1f} min | probe layer 0 {results['probe_accuracy'][0]:.3f} -> "
-        f"layer {mid} {results['probe_accuracy'][mid]:.3f} | controllers at layer {mid}: pretraining tasks "
-        f"{results['controller_success_pretrain'][mid]} / post-training {results['controller_success'][mid]} | "
-        f"base alone {results['base_success_pretrain']:.3f} / {results['base_success']:.3f} | figures: {', '.join(figs)}")
-    return results
+    log("13 main", f"probe layer 0 {results['probe_accuracy'][0]:.3f} -> layer {mid} {results['probe_accuracy'][mid]:.3f} "
+        f"| controllers at layer {mid}: pretraining tasks {results['controller_success_pretrain'][mid]} / post-training "
+        f"{results['controller_success'][mid]} | base alone {results['base_success_pretrain']:.3f} / {results['base_success']:.3f}")
+    if args.stop_after == "controllers":
+        return finish()
+
+    t = time.time()
+    mcs, m = metacontroller_stage(args, model, data, device, log)
+    results.update({k: v for k, v in m.items() if k != "train_time_s"})
+    stage_time["metacontroller"] = time.time() - t
+    write_results()
+    if args.stop_after == "metacontroller":
+        return finish()
+
+    t = time.time()
+    results.update(rl_stage(args, model, mcs, data, device, log))
+    stage_time["rl"] = time.time() - t
+    log("13 main", f"switch F1 {results['switch_f1']:.3f} | post-training success after {args.rl_episodes} episodes: "
+        f"token-level RL {results['token_rl']['success']:.3f}, internal RL {results['internal_rl']['success']:.3f}, "
+        f"internal RL without temporal abstraction {results['internal_rl_no_temporal']['success']:.3f}")
+    return finish()
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ import internal_rl as ir
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--n-embd", "32", "--n-layer", "2", "--n-head", "2", "--batch-size", "32", "--bucket-batches", "2",
         "--n-heldout", "64", "--n-dstar", "64", "--probe-steps", "30", "--ctrl-steps", "10", "--ctrl-batch", "16",
-        "--n-eval", "16", "--log-every", "1000", "--eval-every", "1000", "--warmup", "10"]
+        "--n-eval", "16", "--log-every", "1000", "--eval-every", "1000", "--warmup", "10", "--mc-steps", "4",
+        "--mc-batch", "16", "--rl-episodes", "32", "--rl-batch", "16", "--rl-eval", "16"]
 
 
 def tiny_args(**kw) -> ir.Args:
     a = ir.Args(n_embd=32, n_layer=2, n_head=2, batch_size=32, bucket_batches=2, n_heldout=64, n_dstar=64,
-                probe_steps=30, ctrl_steps=10, ctrl_batch=16, n_eval=16, log_every=1000, eval_every=1000, warmup=10)
+                probe_steps=30, ctrl_steps=10, ctrl_batch=16, n_eval=16, log_every=1000, eval_every=1000, warmup=10,
+                mc_steps=4, mc_batch=16, rl_episodes=32, rl_batch=16, rl_eval=16)
     return ir.Args(**{**a.__dict__, **kw})
 
 
@@ -285,21 +287,29 @@ def test_end_to_end_tiny_run_and_reuse(tmp_path, capsys):
     out = str(tmp_path / "run")
     res = ir.main(TINY + ["--pretrain-steps", "20", "--out", out])
     for key in ("task", "seed", "device", "wall_time_s", "stage_time_s", "pretrain", "probe_accuracy",
-                "controller_success", "controller_success_pretrain", "base_success", "base_success_pretrain"):
+                "controller_success", "controller_success_pretrain", "base_success", "base_success_pretrain",
+                "switch_f1", "switch_precision", "switch_recall", "switch_rate"):
         assert key in res
+    for method in ("token_rl", "internal_rl", "internal_rl_no_temporal"):
+        assert res[method]["episodes"] == 32 and len(res[method]["curve"]) == 2 and 0 <= res[method]["success"] <= 1
     assert len(res["probe_accuracy"]) == 3 and len(res["controller_success"]) == 3
     assert json.load(open(os.path.join(out, "results.json")))["seed"] == 0
-    assert os.path.exists(os.path.join(out, "controller_success.png"))
+    for fig in ("controller_success.png", "beta_traces.png", "rl_curves.png", "rl_curves_log.png"):
+        assert os.path.exists(os.path.join(out, fig))
     capsys.readouterr()
-    res2 = ir.main(TINY + ["--pretrain-steps", "20", "--out", out])                # same settings: reuse
+    res2 = ir.main(TINY + ["--pretrain-steps", "20", "--out", out])                # same settings: reuse all 7
     txt = capsys.readouterr().out
-    assert txt.count("reusing") == 3 and res2["probe_accuracy"] == res["probe_accuracy"]
+    assert txt.count("reusing") == 7 and res2["probe_accuracy"] == res["probe_accuracy"]
+    assert res2["internal_rl"] == res["internal_rl"]
     ir.main(TINY + ["--pretrain-steps", "20", "--out", out, "--ctrl-steps", "5"])  # only controllers change
     txt = capsys.readouterr().out
-    assert txt.count("reusing") == 2 and "other settings" in txt
-    ir.main(TINY + ["--pretrain-steps", "20", "--out", out, "--ctrl-steps", "5", "--lr", "1e-3"])
+    assert txt.count("reusing") == 6 and txt.count("other settings") == 1
+    ir.main(TINY + ["--pretrain-steps", "20", "--out", out, "--ctrl-steps", "5", "--irl-lr", "1e-2"])
+    txt = capsys.readouterr().out                                          # an RL setting: the 3 RL runs
+    assert txt.count("reusing") == 4 and txt.count("other settings") == 3
+    ir.main(TINY + ["--pretrain-steps", "20", "--out", out, "--stop-after", "probe", "--lr", "1e-3"])
     txt = capsys.readouterr().out                                          # a pretraining setting: all retrain
-    assert txt.count("reusing") == 0 and txt.count("other settings") == 3
+    assert txt.count("reusing") == 0 and txt.count("other settings") == 2
 
 
 def test_corrupt_checkpoint_is_reported_with_the_fix(tmp_path):
@@ -314,7 +324,7 @@ def test_corrupt_checkpoint_is_reported_with_the_fix(tmp_path):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--task", "maze"], "valid choices: grid, ant"),
-    (["--stop-after", "nope"], "valid choices: pretrain, probe, controllers"),
+    (["--stop-after", "nope"], "valid choices: pretrain, probe, controllers, metacontroller, rl"),
     (["--n-embd", "0"], "must be positive"),
     (["--ctrl-layers", "9"], "0..4"),
     (["--ctrl-layers", "x"], "0..4"),
@@ -333,3 +343,160 @@ def test_bad_task_from_the_command_line_has_no_traceback():
                        capture_output=True, text=True, cwd=HERE, timeout=60)
     assert p.returncode == 1 and "Traceback" not in p.stderr and "valid choices: grid, ant" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------- metacontroller and internal RL
+@pytest.fixture(scope="module")
+def mc_setup(model_and_batch):
+    args, model, b = model_and_batch
+    torch.manual_seed(1)
+    mc = ir.MetaController(args)
+    with torch.no_grad():                     # a random decoder (the real init has A = 0, i.e. U = 0)
+        mc.decoder[2].weight.normal_(0, 0.1)
+        mc.decoder[2].bias.normal_(0, 0.1)
+    e = model.lower(b["cells"], args.n_layer // 2).detach()
+    return args, model, b, mc, e, (b["actions"] >= 0).sum(1)
+
+
+def test_lower_then_upper_equals_forward_with_the_same_controller(mc_setup):
+    args, model, b, mc, e, lengths = mc_setup
+    z = torch.randn(e.shape[0], e.shape[1], args.n_z)
+    A, Bm = mc.factors(z)
+    full, _, _ = model(b["cells"], lambda x: ir.apply_controller(x, A, Bm), args.n_layer // 2)
+    split = model.upper(e + mc.apply(z, e), args.n_layer // 2)
+    assert torch.allclose(full, split, atol=1e-4)                           # and the fast U e is the explicit one
+
+
+def test_embedder_is_non_causal(mc_setup):
+    args, model, b, mc, e, lengths = mc_setup
+    z, _, _ = mc(e, lengths, sample=False)
+    e2 = e.clone()
+    i = int(lengths.argmax())
+    e2[i, lengths[i] - 1] += 1.0                                          # change only the last real step
+    z2, _, _ = mc(e2, lengths, sample=False)
+    assert not torch.allclose(z[i, 0], z2[i, 0])                            # the first code already knows
+    others = [j for j in range(len(lengths)) if j != i]
+    assert torch.equal(z[others], z2[others])                               # other episodes untouched
+
+
+def test_first_step_always_switches_and_forced_switches_everywhere(mc_setup):
+    args, model, b, mc, e, lengths = mc_setup
+    _, _, beta = mc(e, lengths)
+    assert torch.all(beta[:, 0] == 1) and torch.all((beta >= 0) & (beta <= 1))
+    _, _, beta_f = mc(e, lengths, forced=True)
+    assert torch.all(beta_f == 1)
+
+
+def test_kl_matches_closed_form():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(5, 7, 8), torch.randn(5, 7, 8)
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mu, (0.5 * logvar).exp()),
+                                            torch.distributions.Normal(0.0, 1.0)).sum(-1)
+    assert torch.allclose(ir.gaussian_kl(mu, logvar), ref, atol=1e-5)
+    assert ir.gaussian_kl(torch.zeros(3, 8), torch.zeros(3, 8)).abs().max() == 0      # the prior itself: 0
+
+
+def test_metacontroller_gradients_reach_only_the_metacontroller(mc_setup):
+    args, model, b, mc, e, lengths = mc_setup
+    model.requires_grad_(False)
+    mc.zero_grad()
+    loss = ir.mc_loss(model, mc, b, args.n_layer // 2, alpha=0.1)[0]
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    for part in (mc.embedder, mc.history, mc.encoder, mc.switch, mc.decoder):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_switching_unit_and_policy_are_causal(mc_setup):
+    args, model, b, mc, e, lengths = mc_setup
+    torch.manual_seed(2)
+    pi = ir.ZPolicy(args)
+    with torch.no_grad():
+        pi.mu.weight.normal_(0, 0.5)
+    xs = torch.randn(4, 12, args.n_embd)
+    xs2 = xs.clone()
+    xs2[:, 7:] += torch.randn(4, 5, args.n_embd)                          # change the future from step 7 on
+    with torch.no_grad():
+        mc.switch[2].bias.fill_(0.0)                                         # beta near 0.5: some switches
+    runs = []
+    for x in (xs, xs2):
+        agent = ir.InternalAgent(mc, pi, 4, seed=0, forced=False)
+        outs = [agent(x[:, t:t + 1]) for t in range(12)]
+        runs.append((torch.stack(agent.decide, 1), torch.cat(outs, 1), agent))
+    assert torch.equal(runs[0][0][:, :7], runs[1][0][:, :7])               # same switches up to step 6
+    assert torch.equal(runs[0][1][:, :7], runs[1][1][:, :7])               # same controllers up to step 6
+    e_dec, z_dec, mask = runs[0][2].decisions(torch.full((4,), 12))
+    lp = pi.log_prob(e_dec, z_dec)
+    e2 = e_dec.clone()
+    e2[:, -1] += 1.0
+    assert torch.equal(pi.log_prob(e2, z_dec)[:, :-1], lp[:, :-1])          # the policy is causal too
+
+
+def test_internal_agent_decides_at_switches_only(mc_setup):
+    args, model, b, mc, e, lengths = mc_setup
+    pi = ir.ZPolicy(args)
+    for forced, bias in ((False, -20.0), (False, 20.0), (True, -20.0)):
+        with torch.no_grad():
+            mc.switch[2].bias.fill_(bias)                                    # beta ~ 0 or ~ 1 everywhere
+        agent = ir.InternalAgent(mc, pi, 8, seed=0, forced=forced)
+        r = ir.rollout(model, gw.POSTTRAIN_TASK, 8, 0, "cpu", ctrl_fn=agent, ctrl_layer=args.n_layer // 2, record=True)
+        _, _, mask = agent.decisions(r["lengths"])
+        expect = torch.ones(8) if (bias < 0 and not forced) else r["lengths"].float()
+        assert torch.equal(mask.sum(1), expect)                              # 1 decision, or one per step
+    with torch.no_grad():
+        mc.switch[2].bias.fill_(0.0)
+
+
+def test_trajectory_advantage_and_ppo_loss_match_a_slow_loop():
+    torch.manual_seed(0)
+    R = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
+    adv = ir.trajectory_advantage(R)
+    mean, std = R.mean().item(), float(np.std(R.numpy()))                    # population std
+    assert torch.allclose(adv, (R - mean) / (std + 1e-3))
+    logp, logp_old = torch.randn(5, 6), torch.randn(5, 6)
+    mask = (torch.rand(5, 6) > 0.3).float()
+    total, count = 0.0, 0
+    for i in range(5):
+        for t in range(6):
+            if mask[i, t]:
+                rho = float(np.exp(logp[i, t].item() - logp_old[i, t].item()))
+                total += min(rho * adv[i].item(), min(max(rho, 0.8), 1.2) * adv[i].item())
+                count += 1
+    assert abs(ir.ppo_loss(logp, logp_old, adv, mask, 0.2).item() - (-total / count)) < 1e-5
+
+
+def test_rl_update_makes_rewarded_episodes_more_likely(model_and_batch):
+    args, model, b = model_and_batch
+    policy = ir.copy.deepcopy(model).requires_grad_(True)
+    r = ir.rollout(policy, gw.POSTTRAIN_TASK, 16, 0, "cpu", record=True)
+    batch = {"cells": r["cells"], "actions": r["actions"], "mask": ir.step_mask(r["lengths"], r["actions"].shape[1]),
+             "rewards": torch.tensor([1.0, 0.0] * 8)}                         # pretend every other one succeeded
+    logp_fn = lambda bb: ir.token_logp(policy, bb["cells"], bb["actions"])
+    score = lambda: ((logp_fn(batch) * batch["mask"]).sum(1) / batch["mask"].sum(1)).detach()
+    before = score()
+    a = ir.Args(**{**args.__dict__, "rl_episodes": 64, "rl_batch": 16, "rl_epochs": 2})
+    ir.rl_train(a, "9 test", lambda n, s: batch, logp_fn, list(policy.parameters()), 1e-3, 0, lambda *x, **k: None)
+    gain = score() - before
+    assert gain[0::2].mean() > 0 > gain[1::2].mean()
+
+
+def test_internal_rl_gradients_reach_only_the_policy(mc_setup):
+    args, model, b, mc, e, lengths = mc_setup
+    model.requires_grad_(False)
+    a = ir.Args(**{**args.__dict__, "rl_episodes": 16, "rl_batch": 8})
+    policy, collect, m = ir.internal_rl(a, model, mc, 0, "cpu", lambda *x, **k: None, False, "test")
+    batch = collect(8, 0)
+    mc.zero_grad()
+    ir.ppo_loss(policy.log_prob(batch["e"], batch["z"]), policy.log_prob(batch["e"], batch["z"]).detach(),
+                torch.randn(8), batch["mask"], 0.2).backward()
+    assert all(p.grad is not None for p in policy.parameters())
+    assert all(p.grad is None for p in mc.parameters()) and all(p.grad is None for p in model.parameters())
+    mc.requires_grad_(True)
+
+
+def test_boundary_f1_on_a_hand_made_example():
+    g = torch.tensor([[0, 0, 0, 2, 2, 2, 1, 1, 1, 1]])                      # true boundaries at t = 3 and 6
+    beta = torch.zeros(1, 10)
+    beta[0, [0, 4, 9]] = 1.0                                                # t = 0 never counts; 4 is within 1 of 3
+    out = ir.boundary_f1(beta, g, torch.tensor([10]))
+    assert out["precision"] == 0.5 and out["recall"] == 0.5 and abs(out["switch_rate"] - 2 / 9) < 1e-9

@@ -1468,6 +1468,23 @@ def prior_code_diagnostic(model: GPT, mc: MetaController, layer: int, seed: int,
             "distinct_pairs": len({p for _, p in codes if p >= 0}), "top_pairs": [p for _, p in codes]}
 
 
+@torch.no_grad()
+def subgoal_codes(model: GPT, mc: MetaController, episodes: list, layer: int, device):
+    """The mean code z_t (posterior means) the metacontroller uses during each ground-truth subgoal on D*: (K, Z).
+
+    Analysis only (it uses the labels): switching these codes by the true subgoal asks whether the
+    learned code space can express the post-training task at all, as section 8 asked of the base model."""
+    sums, counts = None, torch.zeros(gw.N_SUBGOALS, device=device)
+    for b in batches_of(episodes, 256, device):
+        e = model.lower(b["cells"], layer)
+        z, _, _ = mc(e, (b["actions"] >= 0).sum(1), sample=False)                       # (B, T, Z)
+        m = b["subgoals"] >= 0
+        sums = z.new_zeros(gw.N_SUBGOALS, z.shape[-1]) if sums is None else sums
+        sums.index_add_(0, b["subgoals"][m], z[m])
+        counts += torch.bincount(b["subgoals"][m], minlength=gw.N_SUBGOALS).float()
+    return sums / counts.clamp(min=1)[:, None]                                           # (K, Z)
+
+
 def internal_rl(args: Args, model: GPT, mc: MetaController, seed: int, device, log: Logger, forced: bool, name: str):
     """Internal RL (Alg. 3): section 9's loop, but the actions are codes z at switch points."""
     mc.requires_grad_(False)                                   # base, switch, decoder, history: all frozen
@@ -1497,6 +1514,17 @@ def rl_stage(args: Args, model: GPT, mcs: dict, data: dict, device, log: Logger)
         f"code's most common first pair; consistency {pc['consistency']:.2f} (share of a code's episodes going to "
         f"its most common pair; uncontrolled base model on the same layouts {pc['base_consistency']:.2f})", **pc)
     results["prior_codes"] = pc
+    # ... and the best case for a policy that picks one code per subgoal: the metacontroller's mean code
+    # for each true subgoal, switched by the true subgoal (a diagnostic that uses labels, like section 8).
+    codes = subgoal_codes(model, mcs["mc"], data["dstar_heldout"][:args.n_probe // 2], mid, device)
+    fn = lambda x, g: mcs["mc"].apply(codes[g], x)                                       # g (n, 1) -> z (n, 1, Z)
+    ev = dict(n=args.n_eval, device=device, ctrl_fn=fn, ctrl_layer=mid)
+    oc = {"pretrain": rollout(model, None, seed=data["eval_seed"], pretrain_tasks=True, **ev)["success"],
+          "posttrain": rollout(model, gw.POSTTRAIN_TASK, seed=data["eval_seed"] + 10 ** 6, **ev)["success"]}
+    log("11 internal_rl", f"the metacontroller's mean code per true subgoal, switched by the true subgoal: success "
+        f"pretraining tasks {oc['pretrain']:.3f} | post-training task {oc['posttrain']:.3f} (ground-truth controllers, "
+        f"section 8: see above)", **oc)
+    results["oracle_codes"] = oc
     for name in ("token_rl", "internal_rl", "internal_rl_no_temporal"):
         path = os.path.join(args.out, f"{name}.pt")
         tag = f"9 {name}" if name == "token_rl" else f"11 {name}"

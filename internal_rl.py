@@ -1637,9 +1637,13 @@ def make_figures(args: Args, results: dict) -> list:
             for k, lab in methods:
                 c = np.array(results[k]["curve"])
                 w = max(1, len(c) // 20)                     # moving average over batches, for readability
-                ax.plot(c[:, 0], np.convolve(c[:, 1], np.ones(w) / w, mode="same"), label=f"{lab} (test {results[k]['success']:.2f})")
+                smooth = np.convolve(c[:, 1], np.ones(w), "same") / np.convolve(np.ones(len(c)), np.ones(w), "same")
+                ax.plot(c[:, 0], smooth, label=f"{lab} (test {results[k]['success']:.2f})")
             ax.set(xscale=xscale, xlabel="training episodes", ylabel="success (training batches)", ylim=(-0.02, 1.02),
                    title="Post-training task, sparse reward")
+            if xscale == "log":                  # Fig. A5: log axes, so that rare early successes show
+                ax.set_yscale("symlog", linthresh=1e-3)
+                ax.set_ylim(0, 1.02)
             ax.legend(frameon=False, fontsize=7)
             save(fig, name)
     return paths

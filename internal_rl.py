@@ -1134,7 +1134,10 @@ def token_rl(args: Args, model: GPT, seed: int, device, log: Logger):
 # whatever beta is; weighting by beta is a bug one re-implementation shipped). Why switching then comes
 # out sparse: when beta_t ~ 0 the proposal z~_t is unused, so the encoder can put it at the prior for
 # free; every bit about the future that the decoder gets costs KL only at the steps where beta lets it in.
-# Sending one code per subgoal, at its start, is the cheapest way to buy the NLL the subgoal is worth.
+# One code per subgoal, sent at its start, buys the NLL the subgoal is worth for a few nats per segment.
+# Whether that beats the alternatives (sending nothing; sending the expert's coin flips between equally
+# short paths, which a non-causal encoder also sees) depends on alpha and on how much the subgoal is worth
+# to the base model: a rate-distortion trade-off (Fig. 7). The README measures it on our base models.
 #
 #   Symbol     | Shape          | Meaning
 #   e          | (B, T, D)      | e_{t,L/2} of the frozen model on D* episodes (no controller below L/2)

@@ -1482,12 +1482,12 @@ def subgoal_codes(model: GPT, mc: MetaController, episodes: list, layer: int, de
 
     Analysis only (it uses the labels): switching these codes by the true subgoal asks whether the
     learned code space can express the post-training task at all, as section 8 asked of the base model."""
-    sums, counts = None, torch.zeros(gw.N_SUBGOALS, device=device)
+    sums = torch.zeros(gw.N_SUBGOALS, mc.decoder[0].in_features, device=device)         # (K, Z)
+    counts = torch.zeros(gw.N_SUBGOALS, device=device)
     for b in batches_of(episodes, 256, device):
         e = model.lower(b["cells"], layer)
         z, _, _ = mc(e, (b["actions"] >= 0).sum(1), sample=False)                       # (B, T, Z)
         m = b["subgoals"] >= 0
-        sums = z.new_zeros(gw.N_SUBGOALS, z.shape[-1]) if sums is None else sums
         sums.index_add_(0, b["subgoals"][m], z[m])
         counts += torch.bincount(b["subgoals"][m], minlength=gw.N_SUBGOALS).float()
     return sums / counts.clamp(min=1)[:, None]                                           # (K, Z)

@@ -144,6 +144,106 @@ def test_expert_noise_stays_safe():
     assert np.mean([len(e["actions"]) for e in eps]) > np.mean([len(e["actions"]) for e in clean])
 
 
+# ----------------------------------------------------------------------------------- the ant env
+# MuJoCo may be missing or unable to load on some machines: these tests then skip, with the reason.
+os.environ.setdefault("MUJOCO_GL", "egl")     # headless rendering (CI has no display)
+import ant_tasks as at  # noqa: E402  (imports MuJoCo lazily, so this never fails)
+
+
+@pytest.fixture(scope="module")
+def ant_env():
+    try:
+        return at.AntPinpadEnv()
+    except Exception as e:  # noqa: BLE001 -- any failure to build the MuJoCo env means "skip"
+        pytest.skip(f"MuJoCo ant unavailable ({type(e).__name__}: {str(e)[:100]}); pip install 'gymnasium[mujoco]'")
+
+
+def teleport(env, cell, z=None):
+    """Put the ant's centre at a cell's centre (and optionally its torso at height z), at rest."""
+    qpos, qvel = env.ant.data.qpos.copy(), np.zeros(env.ant.model.nv)
+    qpos[:2] = at.cell_centre(cell) if cell >= 0 else (at.HALF + 0.5, 0.0)
+    if z is not None:
+        qpos[2] = z
+    env.ant.set_state(qpos, qvel)
+
+
+def test_ant_check_env_passes(ant_env):
+    check_env(at.AntPinpadEnv(), skip_render_check=True)
+    env = gym.make("AntPinpad-v0")
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (at.OBS_DIM,) and obs.dtype == np.float32 and info["subgoal"] in range(4)
+
+
+def test_ant_renders_a_top_view(ant_env):
+    try:
+        env = at.AntPinpadEnv(render_mode="rgb_array", width=64, height=64)
+        env.reset(seed=0)
+        img = env.render()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no OpenGL for MuJoCo here ({type(e).__name__}); headless machines need MUJOCO_GL=egl")
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8 and img.std() > 5
+
+
+def test_ant_tasks_pretraining_never_has_the_post_training_transitions():
+    pairs = lambda task: {(a, b) for a, b in zip(task, task[1:])}
+    seen = set().union(*map(pairs, at.PRETRAIN_TASKS))
+    assert len(at.PRETRAIN_TASKS) == 16 and all(len(t) == 3 for t in at.PRETRAIN_TASKS)
+    assert seen.isdisjoint(pairs(at.POSTTRAIN_TASK)) and len(seen) == 8
+
+
+def test_ant_visits_and_every_episode_end(ant_env):
+    env, zero = ant_env, np.zeros(8, dtype=np.float32)
+    env.reset(seed=1, options={"task": (2, 0, 3)})
+    free = next(c for c in range(at.N_CELLS) if c not in env.colour_cells and c != env.wall)
+    teleport(env, env.colour_cells[2])                       # the first needed colour: a visit, no reward
+    _, r, term, _, info = env.step(zero)
+    assert (r, term, info["visited"], info["subgoal"]) == (0.0, False, 1, 0)
+    teleport(env, free)
+    env.step(zero)
+    teleport(env, env.colour_cells[2])                       # back onto the colour just visited: failure
+    _, r, term, _, info = env.step(zero)
+    assert term and r == 0.0 and info["end"] == "wrong colour" and not info["success"]
+    for cell, z, end in ((env.wall, None, "wall"), (-1, None, "outside"), (free, 1.3, "height")):
+        env.reset(seed=1, options={"task": (2, 0, 3)})
+        teleport(env, free if cell == env.wall else cell, z)
+        if cell == env.wall:                                 # walk in from a free cell
+            env.step(zero)
+            teleport(env, env.wall)
+        _, r, term, _, info = env.step(zero)
+        assert term and r == 0.0 and info["end"] == end, (end, info)
+    env.reset(seed=1, options={"task": (2, 0, 3)})
+    for i, colour in enumerate((2, 0, 3)):                   # the whole task, in order: reward 1 at the end
+        teleport(env, free)
+        env.step(zero)
+        teleport(env, env.colour_cells[colour])
+        _, r, term, _, info = env.step(zero)
+        assert (r, term) == ((1.0, True) if i == 2 else (0.0, False))
+    assert info["success"] and info["end"] == "success"
+
+
+def test_ant_observation_carries_no_task(ant_env):
+    """Same seed, different tasks: whenever the layout comes out the same, so must every observation."""
+    a, b, same = at.AntPinpadEnv(), at.AntPinpadEnv(), 0
+    for seed in range(10):
+        oa, _ = a.reset(seed=seed, options={"task": (0, 2, 1)})
+        ob, _ = b.reset(seed=seed, options={"task": (3, 1, 0)})
+        if (a.colour_cells, a.wall) == (b.colour_cells, b.wall):
+            same += 1
+            for _ in range(5):
+                assert np.array_equal(oa, ob)
+                oa, ob = a.step(np.full(8, 0.3))[0], b.step(np.full(8, 0.3))[0]
+    assert same >= 5
+
+
+def test_ant_expert_walks_the_tasks(ant_env):
+    rng = np.random.default_rng(0)
+    eps = [at.expert_episode(ant_env, rng, at.PRETRAIN_TASKS[i], noise=0.0) for i in range(0, 16, 2)]
+    assert sum(ep["success"] for ep in eps) >= 6                 # measured: ~0.85 of episodes succeed
+    ep = eps[0]
+    assert ep["obs"].shape == (len(ep["actions"]) + 1, at.OBS_DIM) and ep["actions"].shape[1] == 8
+    assert np.abs(ep["actions"]).max() <= 1.0 and set(ep["subgoals"]) <= set(at.PRETRAIN_TASKS[0])
+
+
 # ------------------------------------------------------------------------------------------ the model
 @pytest.fixture(scope="module")
 def model_and_batch():

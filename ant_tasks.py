@@ -26,6 +26,11 @@ import numpy as np
 import gymnasium as gym
 from gymnasium import spaces
 
+# Headless machines (no X display) render MuJoCo through EGL; without this, MuJoCo tries GLFW and fails.
+# Must be set before MuJoCo is imported (it is imported lazily, by the env). An explicit MUJOCO_GL wins.
+if not os.environ.get("DISPLAY"):
+    os.environ.setdefault("MUJOCO_GL", "egl")
+
 # ---------------------------------------------------------------------------------------------------
 # 1. Constants and tasks
 # ---------------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ Commands (2-core CPU)
     python internal_rl.py --task grid                              # every stage
     python internal_rl.py --task grid --stop-after pretrain        # or: probe, controllers, metacontroller
     python internal_rl.py --task grid --seed 1 --out runs/grid-seed1
-    python -m pytest -q test_internal_rl.py                        # the tests, under a minute
+    python internal_rl.py --task ant                               # MuJoCo ant: stages up to controllers so far
+    python -m pytest -q test_internal_rl.py                        # the tests, about a minute
 Outputs go to ``--out`` (default ``runs/<task>-seed<seed>``): checkpoints (``*.pt``), ``metrics.jsonl``
 (one JSON line per log line), figures (``*.png``) and ``results.json``. A rerun with the same settings
 reuses every finished stage; changing a setting retrains the stages it affects and everything after.
@@ -63,7 +64,7 @@ Table of contents (the section banners below carry the same numbers; log lines a
 
 Notation (shape comments use these letters)
     B batch (episodes)   T time steps   D residual width (n_embd)   L blocks (n_layer)   H heads
-    K subgoals (4 in the grid)   r controller rank (16)   Z code size (n_z = 8)   e_{t,l} residual at step t after block l
+    K subgoals (4: colour pairs in the grid, colours on the ant)   r controller rank (16)   Z code size (n_z = 8)   e_{t,l} residual at step t after block l
     (l = 0 is the input embedding, l = L the last block)   U a D x D controller matrix, applied e <- e + U e
 
 Deliberate choices and deviations from the paper (also listed in the README)
@@ -79,6 +80,9 @@ Deliberate choices and deviations from the paper (also listed in the README)
       with larger learning rates (the values are in Args); alpha ramps up over the first 30% of the
       metacontroller's steps (without it the posterior collapsed). RL: 24,576 episodes per method.
     * Sequence embedder, history GRU and z-policy are GRUs (the paper: Hawk SSMs).
+    * The ant (ant_tasks.py): the same transformer (the paper: a Hawk SSM) with a linear input embedding
+      and a Gaussian action head (state-independent std); a hand-designed expert instead of a PPO agent;
+      D is a stored set of successful episodes. The metacontroller and RL stages do not run on it yet.
 """
 from __future__ import annotations
 
@@ -115,7 +119,7 @@ def arg(default, help: str):
 @dataclass
 class Args:
     # -- run --
-    task: str = arg("grid", "environment: grid (gridworld-pinpad) or ant (ant-pinpad, not implemented yet)")
+    task: str = arg("grid", "environment: grid (gridworld-pinpad) or ant (ant-pinpad; stages up to controllers so far)")
     seed: int = arg(0, "seed for everything (data, init, evaluation episodes)")
     device: str = arg("auto", "cpu, cuda, or auto (cuda when present)")
     out: str = arg("", "run folder (default runs/<task>-seed<seed>)")
@@ -128,6 +132,9 @@ class Args:
     bucket_batches: int = arg(8, "batches generated together and sorted by length, to cut padding")
     n_heldout: int = arg(2000, "held-out episodes of D (pretraining metrics)")
     n_dstar: int = arg(8000, "episodes of the clean set D* (epsilon = 0) for controllers; as many again held out")
+    n_train: int = arg(0, "episodes of a stored dataset D, reused every epoch (ant); 0 = fresh episodes every step (grid)")
+    action_noise: float = arg(0.0, "ant: std of Gaussian noise on the expert's actions in D (D* never has any)")
+    workers: int = arg(2, "processes that generate stored expert episodes (ant; one training job per machine)")
     # -- base model (section 4) --
     n_layer: int = arg(4, "transformer blocks L (paper: 6)")
     n_head: int = arg(4, "attention heads")
@@ -151,11 +158,11 @@ class Args:
     probe_steps: int = arg(300, "full-batch AdamW steps per layer probe")
     probe_lr: float = arg(5e-2, "probe learning rate (features are standardised; 1e-2 under-fits in 300 steps)")
     # -- controllers (section 8) --
-    ctrl_rank: int = arg(16, "rank r of each controller U = A B^T (Table A7: 16)")
+    ctrl_rank: int = arg(16, "rank r of each controller U = A B^T (Table A7: 16); 0 = full rank D (Table A8, ant)")
     ctrl_steps: int = arg(400, "optimiser steps per layer (Table A7: 3200 at batch 512; ours plateau by ~300)")
     ctrl_batch: int = arg(128, "episodes of D* per controller batch")
     ctrl_lr: float = arg(3e-3, "controller learning rate (Table A7: 1e-3)")
-    ctrl_layers: str = arg("all", "layers to train controllers at: 'all' (0..L) or a comma list, e.g. '2'")
+    ctrl_layers: str = arg("all", "layers to train controllers at: 'all' (0..L), 'mid' (L/2) or a comma list, e.g. '1,2'")
     n_eval: int = arg(500, "evaluation episodes per task family (pretraining tasks / post-training task)")
     greedy: bool = arg(False, "evaluate with argmax actions instead of sampling (the paper samples)")
     # -- the RL toolkit and token-level RL (section 9) --
@@ -184,7 +191,13 @@ class Args:
 # Per-task defaults: everything not listed here takes the dataclass default above.
 TASK_PRESETS = {
     "grid": {},
-    "ant": {},
+    # The ant's expert is ~2,000 env steps/s (the grid's ~200,000), so D is a stored set, generated once
+    # by ``workers`` processes and reused for epochs; episodes are ~270 steps, so batches hold fewer.
+    # Controllers are full-rank on the ant (Table A8). The metacontroller and RL stages are not there yet.
+    "ant": dict(n_train=3000, action_noise=0.03, n_heldout=200, n_dstar=400, n_embd=128, batch_size=16,
+                pretrain_steps=3000, lr=1e-3, obs_coef=0.0, eval_every=500, log_every=100, quick_probe_episodes=200,
+                n_probe=400, ctrl_rank=0, ctrl_batch=16, ctrl_steps=400, ctrl_layers="mid", n_eval=100,
+                stop_after="controllers"),
 }
 STAGES = ("pretrain", "probe", "controllers", "metacontroller", "rl")
 
@@ -203,15 +216,16 @@ def parse_args(argv=None) -> Args:
     task = given.get("task", Args.task)
     if task not in TASK_PRESETS:
         sys.exit(f"internal_rl.py: error: unknown --task {task!r}; valid choices: {', '.join(TASK_PRESETS)}")
-    if task == "ant":
-        sys.exit("internal_rl.py: error: --task ant is not implemented yet (the ant-pinpad issue); valid now: grid")
     args = Args(**{**TASK_PRESETS[task], **given})
+    if task == "ant" and STAGES.index(args.stop_after if args.stop_after in STAGES else "rl") > STAGES.index("controllers"):
+        sys.exit("internal_rl.py: error: --task ant runs the stages up to --stop-after controllers for now (the "
+                 "metacontroller and RL on the ant are still to come); drop --stop-after or use pretrain, probe, controllers")
     if args.stop_after not in STAGES:
         sys.exit(f"internal_rl.py: error: unknown --stop-after {args.stop_after!r}; valid choices: {', '.join(STAGES)}")
     for f in dataclasses.fields(Args):
         v = getattr(args, f.name)
         may_be_zero = ("seed", "epsilon", "obs_coef", "weight_decay", "warmup", "cooldown", "threads", "alpha",
-                       "mc_kl_warmup", "mc_gumbel")
+                       "mc_kl_warmup", "mc_gumbel", "n_train", "action_noise", "ctrl_rank")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if v < 0 or (v == 0 and f.name not in may_be_zero):
                 need = "non-negative" if f.name in may_be_zero else "positive"
@@ -223,6 +237,10 @@ def parse_args(argv=None) -> Args:
     if args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         sys.exit(f"internal_rl.py: error: --device {args.device!r} is not available here; valid choices: auto, cpu"
                  + (", cuda" if torch.cuda.is_available() else " (no CUDA device found)"))
+    if args.task == "grid" and args.n_train:
+        sys.exit("internal_rl.py: error: --n-train is for the ant; the grid draws fresh expert episodes every step")
+    if args.task == "ant" and not args.n_train:
+        sys.exit("internal_rl.py: error: --task ant needs a stored dataset: --n-train must be positive")
     if not 0.0 <= args.epsilon < 1.0:
         sys.exit(f"internal_rl.py: error: --epsilon must be in [0, 1), got {args.epsilon}")
     if args.n_embd % args.n_head:
@@ -238,12 +256,14 @@ def parse_args(argv=None) -> Args:
 def ctrl_layers(args: Args) -> list:
     if args.ctrl_layers == "all":
         return list(range(args.n_layer + 1))
+    if args.ctrl_layers == "mid":
+        return [args.n_layer // 2]
     try:
         layers = [int(s) for s in args.ctrl_layers.split(",")]
     except ValueError:
         layers = [-1]
     if any(not 0 <= l <= args.n_layer for l in layers):
-        raise ValueError(f"--ctrl-layers must be 'all' or layers in 0..{args.n_layer}, got {args.ctrl_layers!r}")
+        raise ValueError(f"--ctrl-layers must be 'all', 'mid' or layers in 0..{args.n_layer}, got {args.ctrl_layers!r}")
     return layers
 
 
@@ -291,9 +311,14 @@ STAGE_FIELDS = {
 }
 
 
+# Fields only the ant reads enter only the ant's fingerprints (so adding them kept grid checkpoints valid).
+ANT_FIELDS = {"data": ("task", "seed", "n_train", "action_noise", "n_heldout", "n_dstar"),
+              "pretrain": ("n_train", "action_noise")}
+
+
 def fingerprint(args: Args, stage: str) -> str:
-    prev = "" if STAGE_PARENT[stage] is None else fingerprint(args, STAGE_PARENT[stage])
-    cfg = {k: getattr(args, k) for k in STAGE_FIELDS[stage]}
+    prev = "" if STAGE_PARENT.get(stage) is None else fingerprint(args, STAGE_PARENT[stage])
+    cfg = {k: getattr(args, k) for k in STAGE_FIELDS.get(stage, ()) + (ANT_FIELDS.get(stage, ()) if args.task == "ant" else ())}
     return hashlib.sha1((prev + json.dumps(cfg, sort_keys=True)).encode()).hexdigest()[:12]
 
 
@@ -337,6 +362,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def env_module(task: str):
+    """The env file of a task: gridworld.py, or ant_tasks.py (imported only for the ant)."""
+    if task == "grid":
+        return gw
+    import ant_tasks
+    return ant_tasks
+
+
 # ---------------------------------------------------------------------------------------------------
 # 3. Data: expert trajectories D and D*, length-bucketed batches               [P App. C.1.1, C.4.4]
 # ---------------------------------------------------------------------------------------------------
@@ -353,6 +386,11 @@ def seed_everything(seed: int) -> None:
 # observation, losslessly and ~50x smaller. Pretraining never reuses an episode: every batch is freshly
 # generated (the expert is fast), which avoids overfitting at CPU scale. Held-out sets come from their
 # own random streams, so the train/held-out split is by episode.
+#
+# The ant (ant_tasks.expert_episode) stores obs (T+1, 41) float, actions (T, 8) float and subgoals (T,)
+# (the next colour). Its expert runs MuJoCo at ~2,000 steps/s, so D is a stored set of --n-train
+# successful episodes (the paper's D holds successful trajectories only), generated once by --workers
+# processes, cached in the run folder (data.pt) and reused for epochs. D (action noise) and D* (none).
 
 def generate_episodes(rng: np.random.Generator, n: int, tasks, epsilon: float) -> list:
     """n expert episodes, each on a task drawn uniformly from ``tasks``."""
@@ -360,27 +398,44 @@ def generate_episodes(rng: np.random.Generator, n: int, tasks, epsilon: float) -
 
 
 def collate(episodes: list, device) -> dict:
-    """Pad a list of episodes into tensors; padded steps have target -1 (ignored by the losses)."""
+    """Pad a list of episodes into tensors; ``mask`` marks real steps (grid targets are also -1 at padding).
+
+    Grid: obs (B, T, 13) int, actions (B, T) int, next_obs (B, T) = the agent's cell in o_{t+1}, plus
+    next_colour and optimal (diagnostics). Ant: obs (B, T, 41), actions (B, T, 8), next_obs (B, T, 41)."""
     B, T = len(episodes), max(len(ep["actions"]) for ep in episodes)
-    cells = np.zeros((B, T, 13), dtype=np.int64)            # (B, T, 13)  o_1..o_T
-    actions = np.full((B, T), -1, dtype=np.int64)           # (B, T)      a_1..a_T
-    next_cell = np.full((B, T), -1, dtype=np.int64)         # (B, T)      agent cell in o_{t+1}
+    grid = "cells" in episodes[0]
+    mask = np.zeros((B, T), dtype=bool)                     # (B, T)      real (not padded) steps
     subgoals = np.full((B, T), -1, dtype=np.int64)          # (B, T)      g_t
-    nextcol = np.full((B, T), -1, dtype=np.int64)           # (B, T)      colour the expert heads to
-    optimal = np.zeros((B, T, 4), dtype=bool)               # (B, T, 4)
-    # Input at step t is o_t; targets at step t are a_t and the agent's cell in o_{t+1}. Padded steps
-    # keep cells = 0 (a valid index, so the embedding works) and are masked out of every loss by -1.
+    if grid:
+        obs = np.zeros((B, T, 13), dtype=np.int64)          # (B, T, 13)  o_1..o_T
+        actions = np.full((B, T), -1, dtype=np.int64)       # (B, T)      a_1..a_T
+        next_obs = np.full((B, T), -1, dtype=np.int64)      # (B, T)      agent cell in o_{t+1}
+        nextcol = np.full((B, T), -1, dtype=np.int64)       # (B, T)      colour the expert heads to
+        optimal = np.zeros((B, T, 4), dtype=bool)           # (B, T, 4)
+    else:
+        obs = np.zeros((B, T, episodes[0]["obs"].shape[1]), dtype=np.float32)    # (B, T, 41) o_1..o_T
+        actions = np.zeros((B, T, 8), dtype=np.float32)                          # (B, T, 8)  a_1..a_T
+        next_obs = np.zeros_like(obs)                                            # (B, T, 41) o_2..o_{T+1}
+    # Input at step t is o_t; targets at step t are a_t and o_{t+1}. Padded steps keep obs = 0 (for the
+    # grid a valid index, so the embedding works) and are left out of every loss by the mask.
     for i, ep in enumerate(episodes):
         n = len(ep["actions"])
-        cells[i, :n] = ep["cells"][:n]
-        actions[i, :n] = ep["actions"]
-        next_cell[i, :n] = ep["cells"][1:n + 1, -1]
+        mask[i, :n] = True
         subgoals[i, :n] = ep["subgoals"]
-        nextcol[i, :n] = ep["next_colour"]
-        optimal[i, :n] = ep["optimal"]
+        actions[i, :n] = ep["actions"]
+        if grid:
+            obs[i, :n] = ep["cells"][:n]
+            next_obs[i, :n] = ep["cells"][1:n + 1, -1]
+            nextcol[i, :n] = ep["next_colour"]
+            optimal[i, :n] = ep["optimal"]
+        else:
+            obs[i, :n] = ep["obs"][:n]
+            next_obs[i, :n] = ep["obs"][1:n + 1]
     t = lambda x: torch.from_numpy(x).to(device)
-    return {"cells": t(cells), "actions": t(actions), "next_cell": t(next_cell), "subgoals": t(subgoals),
-            "next_colour": t(nextcol), "optimal": t(optimal)}
+    b = {"obs": t(obs), "actions": t(actions), "mask": t(mask), "next_obs": t(next_obs), "subgoals": t(subgoals)}
+    if grid:
+        b.update(next_colour=t(nextcol), optimal=t(optimal))
+    return b
 
 
 def fresh_batches(rng: np.random.Generator, args: Args, device):
@@ -412,11 +467,69 @@ def batches_of(episodes: list, size: int, device):
         yield collate([episodes[j] for j in order[i:i + size]], device)
 
 
-def make_datasets(args: Args) -> dict:
+def ant_chunk(job: tuple) -> list:
+    """Worker process: ``n`` successful ant expert episodes from one seed (task uniform per episode)."""
+    import ant_tasks as at
+    seed, n, noise = job
+    env, rng, out = at.AntPinpadEnv(), np.random.default_rng(seed), []
+    while len(out) < n:
+        ep = at.expert_episode(env, rng, at.PRETRAIN_TASKS[int(rng.integers(len(at.PRETRAIN_TASKS)))], noise)
+        if ep["success"]:                            # D holds successful trajectories [P C.1.1]
+            out.append({"obs": ep["obs"].astype(np.float32), "actions": ep["actions"].astype(np.float32),
+                        "subgoals": ep["subgoals"].astype(np.int64)})
+    return out
+
+
+def ant_datasets(args: Args, log) -> dict:
+    """The ant's stored sets D (train, held-out) and D* (train, held-out), cached in ``<out>/data.pt``.
+
+    Episodes come in chunks of 20, each from its own seed, so the data do not depend on --workers."""
+    import multiprocessing
+    path, fp = os.path.join(args.out, "data.pt"), fingerprint(args, "data")
+    ss = np.random.SeedSequence(args.seed).spawn(5)
+    sizes = {"train": (args.n_train, args.action_noise), "heldout": (args.n_heldout, args.action_noise),
+             "dstar_train": (args.n_dstar, 0.0), "dstar_heldout": (args.n_dstar, 0.0)}
+    ck = load_ckpt(path, fp, log, "3 data")
+    if ck is None:
+        jobs, t0 = [], time.time()
+        for k, (name, (n, noise)) in enumerate(sizes.items()):
+            for j, child in enumerate(ss[k].spawn((n + 19) // 20)):
+                jobs.append((name, (int(child.generate_state(1)[0]), min(20, n - 20 * j), noise)))
+        sets = {name: [] for name in sizes}
+        with multiprocessing.get_context("fork").Pool(args.workers) as pool:
+            for i, eps in enumerate(pool.imap(ant_chunk, [job for _, job in jobs])):
+                sets[jobs[i][0]] += eps
+                if (i + 1) % max(1, len(jobs) // 10) == 0 or i + 1 == len(jobs):
+                    log("3 data", f"ant expert episodes: chunk {i + 1}/{len(jobs)} | {eta(t0, i + 1, len(jobs))}")
+        # one tensor per field and set (episodes concatenated), so weights_only loading works
+        ck = {"fingerprint": fp, "sets": {name: {
+            "obs": torch.from_numpy(np.concatenate([ep["obs"] for ep in eps])),
+            "actions": torch.from_numpy(np.concatenate([ep["actions"] for ep in eps])),
+            "subgoals": torch.from_numpy(np.concatenate([ep["subgoals"] for ep in eps])),
+            "lengths": torch.tensor([len(ep["actions"]) for ep in eps])} for name, eps in sets.items()}}
+        save_ckpt(path, ck)
+    else:
+        log("3 data", f"reusing {path}")
+    out = {}
+    for name, d in ck["sets"].items():                      # back to a list of episodes (numpy views)
+        eps, o, a = [], 0, 0
+        for n in d["lengths"].tolist():
+            eps.append({"obs": d["obs"][o:o + n + 1].numpy(), "actions": d["actions"][a:a + n].numpy(),
+                        "subgoals": d["subgoals"][a:a + n].numpy()})
+            o, a = o + n + 1, a + n
+        out[name] = eps
+    out["train_rng"] = np.random.default_rng(ss[4].spawn(1)[0])                 # batch sampling
+    out["eval_seed"] = int(np.random.default_rng(ss[4]).integers(2 ** 31))      # env seeds for rollouts
+    return out
+
+
+def make_datasets(args: Args, log=None) -> dict:
     """The fixed sets: held-out D, and D* (epsilon = 0) split by episode into train / held-out halves.
 
     Each set has its own random stream (spawned from the seed), so adding or resizing one never shifts
-    another, and the fresh pretraining stream never repeats them."""
+    another, and the fresh pretraining stream never repeats them. (The ant: ant_datasets above.)"""
+    if args.task == "ant":
+        return ant_datasets(args, log or Logger(args.out))
     ss = np.random.SeedSequence(args.seed).spawn(5)
     rngs = [np.random.default_rng(s) for s in ss]
     return {
@@ -442,10 +555,10 @@ def make_datasets(args: Args) -> dict:
 # seen by every block above. forward() below keeps that loop in plain sight.
 #
 #   Symbol      | Shape      | Meaning
-#   cells       | (B, T, 13) | observations o_1..o_T in index form (section 3)
+#   obs         | (B, T, 13) | observations o_1..o_T in index form (section 3; the ant: (B, T, 41) floats)
 #   e_{t,l}     | (B, T, D)  | residual after block l; l = 0 is the input embedding
-#   act logits  | (B, T, 4)  | p(a_t | o_{1:t})
-#   obs logits  | (B, T, 49) | p(agent cell of o_{t+1} | o_{1:t})
+#   act out     | (B, T, 4)  | logits of p(a_t | o_{1:t}) (the ant: the mean (B, T, 8) of a Gaussian)
+#   obs out     | (B, T, 49) | logits of p(agent cell of o_{t+1} | o_{1:t}) (the ant: a prediction of o_{t+1})
 #
 # Positions: there are no absolute position embeddings. Each attention head adds a learned bias that
 # depends only on how many steps back a key lies (bucketed as in T5; Table A16 uses 32 buckets), so
@@ -514,6 +627,7 @@ class Block(nn.Module):
         return x
 
 
+ANT_OBS_DIM, ANT_MAX_STEPS = 41, 500          # ant_tasks.OBS_DIM, MAX_STEPS (a test checks they agree)
 # Object type of each of the 12 object channels in index form: the 4 walls share type 8, colours are 0..7.
 OBJ_TYPE = torch.tensor([8] * gw.N_WALLS + list(range(gw.N_COLOURS)))
 N_OFFSETS = (2 * gw.GRID - 1) ** 2          # 13 x 13 possible (row, col) offsets between two cells
@@ -522,25 +636,35 @@ N_OFFSETS = (2 * gw.GRID - 1) ** 2          # 13 x 13 possible (row, col) offset
 class GPT(nn.Module):
     """Causal transformer over one token per time step (the observation) [P Sec. 4, Eq. 5].
 
-    Outputs at step t: action logits for a_t and logits for the agent's cell in o_{t+1}. The residual
+    Outputs at step t: the action distribution for a_t and a prediction of o_{t+1}. The residual
     stream is explicit: forward() returns e_{t,l} for l = 0..L, and a controller ``ctrl`` (a function
     x -> U x) can be added at layer ``ctrl_layer``: e_{t,l} <- e_{t,l} + U e_{t,l} (Eq. 1), before blocks
-    l+1..L, which are unaware of the intervention."""
+    l+1..L, which are unaware of the intervention. Only the input embedding and the two heads differ
+    between the grid (4 discrete actions) and the ant (8 continuous torques, a Gaussian head)."""
 
     def __init__(self, args: Args):
         super().__init__()
-        D, self.n_layer = args.n_embd, args.n_layer
-        # Agent-centred input embedding (a choice the paper leaves open; see the module docstring):
-        # token = E_agent[agent cell] + sum over the 12 objects of E_obj[object type, offset from the agent].
-        self.agent_emb = nn.Embedding(gw.N_CELLS, D)
-        self.obj_emb = nn.Embedding(9 * N_OFFSETS, D)
+        D, self.n_layer, self.task = args.n_embd, args.n_layer, args.task
+        if args.task == "grid":
+            # Agent-centred input embedding (a choice the paper leaves open; see the module docstring):
+            # token = E_agent[agent cell] + sum over the 12 objects of E_obj[object type, offset from the agent].
+            self.agent_emb = nn.Embedding(gw.N_CELLS, D)
+            self.obj_emb = nn.Embedding(9 * N_OFFSETS, D)
+            self.register_buffer("obj_type", OBJ_TYPE.clone(), persistent=False)
+        else:
+            self.obs_emb = nn.Linear(ANT_OBS_DIM, D)         # the ant's observation is already a feature vector
         self.blocks = nn.ModuleList([Block(args) for _ in range(args.n_layer)])
         self.ln_f = nn.LayerNorm(D)
-        self.action_head = nn.Linear(D, 4)                                       # p(a_t | o_{1:t})
-        self.obs_head = nn.Linear(D, gw.N_CELLS)                                 # p(o_{t+1} | o_{1:t}): agent cell
-        self.register_buffer("buckets", relative_buckets(gw.MAX_STEPS + 1, args.rel_buckets,
+        if args.task == "grid":
+            self.action_head = nn.Linear(D, 4)                                   # logits of p(a_t | o_{1:t})
+            self.obs_head = nn.Linear(D, gw.N_CELLS)                             # p(o_{t+1} | o_{1:t}): agent cell
+        else:
+            self.action_head = nn.Linear(D, 8)                                   # mean of p(a_t | o_{1:t})
+            self.log_std = nn.Parameter(torch.full((8,), math.log(0.3)))        # its std: one per joint, learned
+            self.obs_head = nn.Linear(D, ANT_OBS_DIM)                            # o_{t+1}, squared error
+        max_steps = gw.MAX_STEPS if args.task == "grid" else ANT_MAX_STEPS
+        self.register_buffer("buckets", relative_buckets(max_steps + 1, args.rel_buckets,
                                                                 args.rel_max_distance), persistent=False)
-        self.register_buffer("obj_type", OBJ_TYPE.clone(), persistent=False)
         self.apply(self._init)                  # (the relative biases keep their zero init)
         for b in self.blocks:                   # GPT-2: scale residual-branch outputs by depth
             for lin in (b.attn.c_proj, b.mlp[2]):
@@ -554,27 +678,30 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding) and not isinstance(m, RelativeBias):
             nn.init.normal_(m.weight, std=0.02)
 
-    def embed(self, cells):
-        """cells (B, T, 13) -> e_{t,0} (B, T, D).
+    def embed(self, obs):
+        """obs (B, T, 13) -> e_{t,0} (B, T, D); the ant: a linear map of obs (B, T, 41).
 
         Example: agent at cell 24 (row 3, col 3), colour 5 at cell 10 (row 1, col 3): offset (-2, 0), so
         colour 5 contributes E_obj[5, (-2 + 6) * 13 + (0 + 6)]. The same row serves every agent position,
         which is why "colour 5 is two cells up" is learned once, not 49 times as with a linear map of the
         flat one-hot. The grid's edges are not objects; E_agent[agent cell] tells where they are."""
-        agent = cells[..., -1]                                                   # (B, T)
-        obj = cells[..., :-1]                                                    # (B, T, 12)
+        if self.task == "ant":
+            return self.obs_emb(obs)                                             # (B, T, D)
+        agent = obs[..., -1]                                                     # (B, T)
+        obj = obs[..., :-1]                                                      # (B, T, 12)
         dr = obj // gw.GRID - (agent // gw.GRID)[..., None] + gw.GRID - 1        # (B, T, 12) row offset in 0..12
         dc = obj % gw.GRID - (agent % gw.GRID)[..., None] + gw.GRID - 1          # (B, T, 12) col offset in 0..12
         idx = self.obj_type * N_OFFSETS + dr * (2 * gw.GRID - 1) + dc            # (B, T, 12)
         return self.agent_emb(agent) + self.obj_emb(idx).sum(-2)                 # (B, T, D)
 
-    def forward(self, cells, ctrl=None, ctrl_layer: int = -1, cache=None):
-        """cells (B, T, 13) -> action logits (B, T, 4), next-cell logits (B, T, 49), residuals [L+1 x (B, T, D)].
+    def forward(self, obs, ctrl=None, ctrl_layer: int = -1, cache=None):
+        """obs (B, T, 13) -> action logits (B, T, 4), next-cell logits (B, T, 49), residuals [L+1 x (B, T, D)].
+        (The ant: obs (B, T, 41) -> action means (B, T, 8), next-observation predictions (B, T, 41), residuals.)
 
         ``cache``: a list with one dict per block (``new_cache()``); the call then continues the sequence
         it holds (rollouts feed one step at a time). ``residuals[l]`` is e_{t,l} as block l wrote it, before any
         controller at layer l; above a controlled layer the residuals carry the controller's effect."""
-        x = self.embed(cells)                                                    # e_{t,0}   (B, T, D)
+        x = self.embed(obs)                                                      # e_{t,0}   (B, T, D)
         residuals = [x]
         if ctrl is not None and ctrl_layer == 0:
             x = x + ctrl(x)                                                      # ALGO LOGIC: Eq. 1 at l = 0
@@ -589,12 +716,43 @@ class GPT(nn.Module):
     def new_cache(self) -> list:
         return [dict() for _ in self.blocks]
 
+    # What an action is differs by task; these four methods are the only place that knows.
+    def action_nll(self, act_out, actions, mask):
+        """Mean -ln p(a_t | o_{1:t}) over real steps: cross-entropy (grid) or Gaussian NLL summed over joints (ant)."""
+        if self.task == "grid":
+            return F.cross_entropy(act_out[mask], actions[mask])
+        return -self.action_logp(act_out, actions)[mask].mean()
+
+    def action_logp(self, act_out, actions):
+        """ln p(a_t | o_{1:t}) per step (B, T)."""
+        if self.task == "grid":
+            return F.log_softmax(act_out, -1).gather(-1, actions.clamp(min=0)[..., None])[..., 0]
+        z = (actions - act_out) / self.log_std.exp()                             # (B, T, 8)
+        return (-0.5 * z ** 2 - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def sample(self, act_out, greedy: bool, gen):
+        """Actions from the outputs of one step (n, 4) or (n, 8): sampled, or the mode (argmax / mean)."""
+        if self.task == "grid":
+            if greedy:
+                return act_out.argmax(-1)
+            return torch.multinomial(F.softmax(act_out, -1), 1, generator=gen)[:, 0]  # (n,)
+        if greedy:
+            return act_out
+        noise = torch.randn(act_out.shape, generator=gen, device=act_out.device)
+        return act_out + self.log_std.exp() * noise                              # (n, 8)
+
+    def obs_loss(self, obs_out, b):
+        """The next-observation term of Eq. 5: cross-entropy of the agent's next cell (grid), squared error (ant)."""
+        if self.task == "grid":
+            return masked_ce(obs_out, b["next_obs"])
+        return ((obs_out - b["next_obs"]) ** 2).mean(-1)[b["mask"]].mean()
+
     # The same computation as forward(), cut in two at layer l (Alg. 1-2 call them lower_blocks and
     # upper_blocks). The metacontroller reads e_{t,l} = lower(o_{1:t}) and writes e + U e into upper();
     # since a controller at layer l never changes e_{t,l} itself, lower() can run once without gradients.
-    def lower(self, cells, layer: int, cache=None):
-        """cells (B, T, 13) -> e_{t,layer} (B, T, D): the embedding and blocks 1..layer."""
-        x = self.embed(cells)                                                    # e_{t,0}   (B, T, D)
+    def lower(self, obs, layer: int, cache=None):
+        """obs (B, T, 13) -> e_{t,layer} (B, T, D): the embedding and blocks 1..layer."""
+        x = self.embed(obs)                                                      # e_{t,0}   (B, T, D)
         for l in range(layer):
             x = self.blocks[l](x, self.buckets, None if cache is None else cache[l])
         return x                                                                 # e_{t,layer} (B, T, D)
@@ -628,40 +786,42 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
     ``ctrl_fn(x, g)``, if given, is the controller applied at ``ctrl_layer`` given each episode's current
     ground-truth subgoal g (B, 1) (section 8). Episode i uses env seed ``seed + i`` and, with
     ``pretrain_tasks``, the pretraining task i mod 16 (so every task is evaluated equally often).
-    Returns the success rate, the fraction ended on a wrong colour (the rest of the failures are
+    Returns the success rate, the fraction that failed (grid: stepped on a wrong colour; the ant also
+    fails by entering the wall cell, leaving the arena or falling; the rest of the failures are
     time-outs), the mean number of task colours visited and the mean episode length. With ``record``
-    it also returns the episodes themselves, for RL (section 9): ``cells`` (n, T, 13) the observations
+    it also returns the episodes themselves, for RL (section 9): ``obs`` (n, T, 13) the observations
     o_1..o_T the model saw, ``actions`` (n, T), ``lengths`` (n,) and ``rewards`` (n,) (1 = success)."""
     # One env per episode, stepped in lock-step. We use the env classes directly (not gymnasium's vector
     # envs), so there is no autoreset: a finished episode simply stops being stepped.
-    envs = [gw.GridPinpadEnv() for _ in range(n)]
-    infos = []
+    E = env_module(model.task)
+    envs = [E.GridPinpadEnv() if model.task == "grid" else E.AntPinpadEnv() for _ in range(n)]
+    infos, inputs = [], []
     for i, env in enumerate(envs):
-        t = gw.PRETRAIN_TASKS[i % len(gw.PRETRAIN_TASKS)] if pretrain_tasks else task
-        infos.append(env.reset(seed=seed + i, options={"task": t})[1])
+        t = E.PRETRAIN_TASKS[i % len(E.PRETRAIN_TASKS)] if pretrain_tasks else task
+        obs, info = env.reset(seed=seed + i, options={"task": t})
+        infos.append(info)
+        inputs.append(env.cells() if model.task == "grid" else obs)   # the model's input form of o_1
     # Evaluation has its own random generator, so evaluating never shifts any training randomness.
     gen = torch.Generator(device=device).manual_seed(seed)
     cache, alive = model.new_cache(), np.ones(n, dtype=bool)
     steps = np.zeros(n, dtype=np.int64)
     seen, taken = [], []                                                                # for ``record``
-    for _ in range(gw.MAX_STEPS):
-        cells = torch.tensor(np.array([env.cells() for env in envs]), device=device)[:, None]  # (n, 1, 13)
+    for _ in range(E.MAX_STEPS):
+        x = torch.tensor(np.array(inputs), device=device)[:, None]                     # (n, 1, 13)
         g = torch.tensor([info["subgoal"] for info in infos], device=device)[:, None]   # (n, 1)
         # the controller is chosen by the env's *current* ground-truth subgoal (analysis only: an agent
         # that must discover its subgoals, the metacontroller, comes in the next sections)
-        ctrl = None if ctrl_fn is None else (lambda x: ctrl_fn(x, g))
-        logits, _, _ = model(cells, ctrl, ctrl_layer, cache)                            # (n, 1, 4)
-        if greedy:
-            acts = logits[:, 0].argmax(-1)
-        else:
-            acts = torch.multinomial(F.softmax(logits[:, 0], -1), 1, generator=gen)[:, 0]  # (n,)
+        ctrl = None if ctrl_fn is None else (lambda e: ctrl_fn(e, g))
+        act_out, _, _ = model(x, ctrl, ctrl_layer, cache)                               # (n, 1, 4)
+        acts = model.sample(act_out[:, 0], greedy, gen)                                 # (n,)
         if record:
-            seen.append(cells[:, 0])
+            seen.append(x[:, 0])
             taken.append(acts)
-        acts = acts.tolist()
+        acts = acts.tolist() if model.task == "grid" else acts.cpu().numpy()
         for i, env in enumerate(envs):
             if alive[i]:                 # finished episodes keep feeding their last observation (ignored)
-                _, _, term, trunc, infos[i] = env.step(acts[i])
+                obs, _, term, trunc, infos[i] = env.step(acts[i])
+                inputs[i] = env.cells() if model.task == "grid" else obs
                 steps[i] += 1
                 alive[i] = not (term or trunc)
         if not alive.any():
@@ -670,12 +830,12 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
            "wrong_colour": float(np.mean([env.failed for env in envs])),         # the rest timed out
            "colours": float(np.mean([env.progress for env in envs])), "length": float(steps.mean())}
     if record:
-        out.update(cells=torch.stack(seen, 1), actions=torch.stack(taken, 1),              # (n, T, 13), (n, T)
+        out.update(obs=torch.stack(seen, 1), actions=torch.stack(taken, 1),                # (n, T, 13), (n, T)
                    lengths=torch.tensor(steps, device=device),                             # (n,)
-                   rewards=torch.tensor([float(env.success) for env in envs], device=device),  # (n,)
-                   # the first colour each episode stepped on (-1: none), for section 11's prior-code diagnostic
-                   first_colour=[env.task[0] if env.progress else (int(env.kind[env.agent]) if env.failed else -1)
-                                 for env in envs])
+                   rewards=torch.tensor([float(env.success) for env in envs], device=device))  # (n,)
+        if model.task == "grid":     # the first colour each episode stepped on (-1: none), for section 11
+            out["first_colour"] = [env.task[0] if env.progress else (int(env.kind[env.agent]) if env.failed else -1)
+                                   for env in envs]
     return out
 
 
@@ -703,11 +863,23 @@ def action_metrics(model: GPT, episodes: list, device) -> dict:
     ``opt_acc_ambiguous``: argmax is an optimal expert action on steps heading to the *first* colour of a
     pair (which pair comes next is at best partly known from the history); ``opt_acc_pair``: on steps
     heading to the *second* colour (fully determined by the colour just visited). A model that tracks
-    the task has pair >> ambiguous; a model of local heuristics has them equal."""
+    the task has pair >> ambiguous; a model of local heuristics has them equal.
+
+    The ant: held-out NLL and the mean squared error of the mean action (``mse``), per joint."""
     model.eval()
+    if model.task == "ant":
+        nll, se, n = 0.0, 0.0, 0
+        for b in batches_of(episodes, 32, device):
+            mean, _, _ = model(b["obs"])
+            m = b["mask"]
+            nll -= model.action_logp(mean, b["actions"])[m].sum().item()
+            se += ((mean - b["actions"]) ** 2).mean(-1)[m].sum().item()
+            n += int(m.sum())
+        model.train()
+        return {"nll": nll / n, "mse": se / n}
     nll, n, acc, hit = 0.0, 0, 0, {0: [0, 0], 1: [0, 0]}
     for b in batches_of(episodes, 256, device):
-        logits, _, _ = model(b["cells"])
+        logits, _, _ = model(b["obs"])
         m = b["actions"] >= 0
         nll += F.cross_entropy(logits[m], b["actions"][m], reduction="sum").item()
         n += int(m.sum())
@@ -753,8 +925,13 @@ def pretrain(args: Args, data: dict, device, log: Logger):
         step, spent, curve = ck["step"], ck["spent"], json.loads(ck["curve"])
         log("6 pretrain", f"resuming {path} at step {step}")
     n_params = sum(p.numel() for p in model.parameters())
-    log("6 pretrain", f"{n_params / 1e6:.2f}M parameters, {args.pretrain_steps} steps of {args.batch_size} fresh episodes")
-    stream = fresh_batches(rng, args, device)
+    if args.task == "grid":
+        log("6 pretrain", f"{n_params / 1e6:.2f}M parameters, {args.pretrain_steps} steps of {args.batch_size} fresh episodes")
+        stream = fresh_batches(rng, args, device)
+    else:                   # the ant: batches sampled from the stored set D
+        log("6 pretrain", f"{n_params / 1e6:.2f}M parameters, {args.pretrain_steps} steps of {args.batch_size} episodes "
+            f"sampled from {len(data['train'])} stored ones")
+        stream = sampled_batches(rng, data["train"], args.batch_size, args.bucket_batches, device)
     # t0 is shifted by the time already spent (a resumed run) and by evaluation pauses, so the logged
     # ETA and train_time_s count training only.
     t0, tokens, t_log = time.time() - spent, 0, time.time()
@@ -762,17 +939,17 @@ def pretrain(args: Args, data: dict, device, log: Logger):
         b = next(stream)
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_factor(step, args)
-        act_logits, obs_logits, _ = model(b["cells"])
+        act_out, obs_out, _ = model(b["obs"])
         # ALGO LOGIC: Eq. 5: -ln p(a_t | o_{1:t}) - lambda ln p(o_{t+1} | o_{1:t})
-        loss_a = masked_ce(act_logits, b["actions"])
-        loss_o = masked_ce(obs_logits, b["next_cell"])
+        loss_a = model.action_nll(act_out, b["actions"], b["mask"])
+        loss_o = model.obs_loss(obs_out, b)
         loss = loss_a + args.obs_coef * loss_o
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)   # rare spikes early in training
         opt.step()
         step += 1
-        tokens += int((b["actions"] >= 0).sum())
+        tokens += int(b["mask"].sum())
         if step % args.log_every == 0 or step == args.pretrain_steps:
             tps = tokens / (time.time() - t_log)
             log("6 pretrain", f"step {step}/{args.pretrain_steps} | loss {loss_a.item():.3f} | obs {loss_o.item():.3f} "
@@ -784,16 +961,18 @@ def pretrain(args: Args, data: dict, device, log: Logger):
             pr = probe_all(model, data["dstar_heldout"][:args.quick_probe_episodes], [0, args.n_layer // 2], device,
                            steps=args.quick_probe_steps, lr=args.probe_lr)
             curve.append({"step": step, "minutes": (time.time() - t0) / 60, **m, "probe_l0": pr[0], "probe_mid": pr[1]})
-            log("6 pretrain", f"eval step {step} | nll {m['nll']:.3f} | acc {m['acc']:.3f} | optimal-action acc "
-                f"ambiguous {m['opt_acc_ambiguous']:.3f} / pair-determined {m['opt_acc_pair']:.3f} | probe "
-                f"layer 0 {pr[0]:.3f} -> layer {args.n_layer // 2} {pr[1]:.3f} ({time.time() - te:.0f}s)", **curve[-1])
+            fit = (f"acc {m['acc']:.3f} | optimal-action acc ambiguous {m['opt_acc_ambiguous']:.3f} / pair-determined "
+                   f"{m['opt_acc_pair']:.3f}" if args.task == "grid" else f"mean-action squared error {m['mse']:.4f}")
+            log("6 pretrain", f"eval step {step} | nll {m['nll']:.3f} | {fit} | probe layer 0 {pr[0]:.3f} -> layer "
+                f"{args.n_layer // 2} {pr[1]:.3f} ({time.time() - te:.0f}s)", **curve[-1])
             t0 += time.time() - te          # evaluation time does not count as training time
             save_ckpt(path, {"fingerprint": fp, "finished": False, "model": model.state_dict(),
                              "optim": opt.state_dict(), "rng": json.dumps(rng.bit_generator.state), "step": step,
                              "spent": time.time() - t0, "curve": json.dumps(curve)})
     m = action_metrics(model, data["heldout"], device)
-    metrics = {"steps": step, "episodes": step * args.batch_size, "heldout_nll": m["nll"], "heldout_acc": m["acc"],
-               "opt_acc_ambiguous": m["opt_acc_ambiguous"], "opt_acc_pair": m["opt_acc_pair"],
+    metrics = {"steps": step, "episodes": step * args.batch_size, "heldout_nll": m["nll"],
+               **({"heldout_acc": m["acc"], "opt_acc_ambiguous": m["opt_acc_ambiguous"], "opt_acc_pair": m["opt_acc_pair"]}
+                  if args.task == "grid" else {"heldout_mse": m["mse"]}),
                "train_time_s": time.time() - t0, "n_params": n_params, "curve": curve}
     save_ckpt(path, {"fingerprint": fp, "finished": True, "model": model.state_dict(), "metrics": metrics})
     return model, metrics
@@ -814,7 +993,7 @@ def residual_features(model: GPT, episodes: list, device) -> tuple:
     model.eval()
     feats, labels = [[] for _ in range(model.n_layer + 1)], []
     for b in batches_of(episodes, 256, device):
-        _, _, res = model(b["cells"])
+        _, _, res = model(b["obs"])
         m = b["subgoals"] >= 0
         for l, e in enumerate(res):
             feats[l].append(e[m])                                               # (n_real, D)
@@ -925,7 +1104,7 @@ class SubgoalControllers(nn.Module):
 def train_controllers(args: Args, model: GPT, layer: int, episodes: list, device, log: Logger) -> SubgoalControllers:
     """Minimise sum_t -ln p(a_t | o_{1:t}, g_t) on D* with the base model frozen (only A, B train)."""
     model.requires_grad_(False).eval()       # the base model is frozen: gradients reach only A and B
-    ctrl = SubgoalControllers(gw.N_SUBGOALS, args.n_embd, args.ctrl_rank).to(device)
+    ctrl = SubgoalControllers(gw.N_SUBGOALS, args.n_embd, args.ctrl_rank or args.n_embd).to(device)  # 0: full rank
     opt = torch.optim.AdamW(ctrl.parameters(), lr=args.ctrl_lr, weight_decay=args.weight_decay)
     rng = np.random.default_rng(args.seed + 100 + layer)
     t0 = time.time()
@@ -933,8 +1112,8 @@ def train_controllers(args: Args, model: GPT, layer: int, episodes: list, device
         idx = rng.integers(len(episodes), size=args.ctrl_batch)
         b = collate([episodes[i] for i in idx], device)
         g = b["subgoals"].clamp(min=0)                                           # padding -> any id (masked)
-        logits, _, _ = model(b["cells"], lambda x: ctrl(x, g), layer)
-        loss = masked_ce(logits, b["actions"])
+        act_out, _, _ = model(b["obs"], lambda x: ctrl(x, g), layer)
+        loss = model.action_nll(act_out, b["actions"], b["mask"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -949,9 +1128,9 @@ def controlled_nll(model: GPT, ctrl, layer: int, episodes: list, device) -> floa
     total, n = 0.0, 0
     for b in batches_of(episodes, 256, device):
         g = b["subgoals"].clamp(min=0)
-        logits, _, _ = model(b["cells"], None if ctrl is None else (lambda x: ctrl(x, g)), layer)
-        m = b["actions"] >= 0
-        total += F.cross_entropy(logits[m], b["actions"][m], reduction="sum").item()
+        act_out, _, _ = model(b["obs"], None if ctrl is None else (lambda x: ctrl(x, g)), layer)
+        m = b["mask"]
+        total -= model.action_logp(act_out, b["actions"])[m].sum().item()
         n += int(m.sum())
     return total / n
 
@@ -971,9 +1150,10 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
     t0, seed = time.time(), data["eval_seed"]
     ev = dict(n=args.n_eval, device=device, greedy=args.greedy)
     base_pre = rollout(model, None, seed=seed, pretrain_tasks=True, **ev)
-    base_post = rollout(model, gw.POSTTRAIN_TASK, seed=seed + 10 ** 6, **ev)
+    post_task = env_module(args.task).POSTTRAIN_TASK
+    base_post = rollout(model, post_task, seed=seed + 10 ** 6, **ev)
     log("8 controllers", f"base model alone: success pretraining tasks {base_pre['success']:.3f}, "
-        f"post-training task {base_post['success']:.3f} ({base_post['colours']:.1f} of 12 colours)")
+        f"post-training task {base_post['success']:.3f} ({base_post['colours']:.1f} of {len(post_task)} colours)")
     layers = ctrl_layers(args)
     per_layer, states = {}, {}
     for layer in layers:
@@ -981,20 +1161,20 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
         nll = controlled_nll(model, ctrl, layer, data["dstar_heldout"][:args.n_probe // 2], device)
         fn = lambda x, g, c=ctrl: c(x, g)
         pre = rollout(model, None, seed=seed, pretrain_tasks=True, ctrl_fn=fn, ctrl_layer=layer, **ev)
-        post = rollout(model, gw.POSTTRAIN_TASK, seed=seed + 10 ** 6, ctrl_fn=fn, ctrl_layer=layer, **ev)
+        post = rollout(model, post_task, seed=seed + 10 ** 6, ctrl_fn=fn, ctrl_layer=layer, **ev)
         per_layer[layer] = {"nll": nll, "pretrain": pre, "posttrain": post}
         if layer == args.n_layer // 2 and not args.greedy:      # diagnostic: the same controllers, argmax actions
             ev_g = {**ev, "greedy": True}
             per_layer[layer]["pretrain_greedy"] = rollout(model, None, seed=seed, pretrain_tasks=True, ctrl_fn=fn,
                                                           ctrl_layer=layer, **ev_g)["success"]
-            per_layer[layer]["posttrain_greedy"] = rollout(model, gw.POSTTRAIN_TASK, seed=seed + 10 ** 6, ctrl_fn=fn,
+            per_layer[layer]["posttrain_greedy"] = rollout(model, post_task, seed=seed + 10 ** 6, ctrl_fn=fn,
                                                            ctrl_layer=layer, **ev_g)["success"]
             log("8 controllers", f"layer {layer}, argmax actions instead of sampling (diagnostic): pretraining tasks "
                 f"{per_layer[layer]['pretrain_greedy']:.3f} | post-training task {per_layer[layer]['posttrain_greedy']:.3f}")
         states[str(layer)] = ctrl.state_dict()
         log("8 controllers", f"layer {layer}: held-out D* nll {nll:.3f} | success pretraining tasks "
-            f"{pre['success']:.3f} (wrong colour {pre['wrong_colour']:.2f}) | post-training task {post['success']:.3f} "
-            f"({post['colours']:.1f} of 12 colours, wrong colour {post['wrong_colour']:.2f}) "
+            f"{pre['success']:.3f} (failed {pre['wrong_colour']:.2f}) | post-training task {post['success']:.3f} "
+            f"({post['colours']:.1f} of {len(post_task)} colours, failed {post['wrong_colour']:.2f}) "
             f"| {eta(t0, layers.index(layer) + 1, len(layers))}", layer=layer, **{k: v['success'] for k, v in
                                                                                   (('pretrain', pre), ('posttrain', post))})
     L1 = args.n_layer + 1
@@ -1062,9 +1242,9 @@ def step_mask(lengths, T: int):
     return (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).float()
 
 
-def token_logp(model: GPT, cells, actions):
+def token_logp(model: GPT, obs, actions):
     """log p(a_t | o_{1:t}) of the taken actions (B, T) under the (trainable) base model."""
-    logits, _, _ = model(cells)                                                    # (B, T, 4)
+    logits, _, _ = model(obs)                                                      # (B, T, 4)
     return F.log_softmax(logits, -1).gather(-1, actions[..., None])[..., 0]        # (B, T)
 
 
@@ -1106,10 +1286,10 @@ def token_rl(args: Args, model: GPT, seed: int, device, log: Logger):
 
     def collect(n, s):
         r = rollout(policy, gw.POSTTRAIN_TASK, n, s, device, record=True)
-        return {"rewards": r["rewards"], "cells": r["cells"], "actions": r["actions"],
+        return {"rewards": r["rewards"], "obs": r["obs"], "actions": r["actions"],
                 "mask": step_mask(r["lengths"], r["actions"].shape[1])}
 
-    logp_fn = lambda b: token_logp(policy, b["cells"], b["actions"])             # ALGO LOGIC: act = a_t, every step
+    logp_fn = lambda b: token_logp(policy, b["obs"], b["actions"])             # ALGO LOGIC: act = a_t, every step
     m = rl_train(args, "9 token_rl", collect, logp_fn, list(policy.parameters()), args.token_lr, seed, log)
     return policy, m
 
@@ -1246,7 +1426,7 @@ class MetaController(nn.Module):
 def mc_loss(model: GPT, mc: MetaController, b: dict, layer: int, alpha: float, forced: bool = False):
     """Eq. 3 with lambda = 0 on a D* batch: action NLL through the frozen model + alpha * mean per-step KL."""
     with torch.no_grad():
-        e = model.lower(b["cells"], layer)                     # (B, T, D) the controller never changes e_{t,l}
+        e = model.lower(b["obs"], layer)                     # (B, T, D) the controller never changes e_{t,l}
     lengths = (b["actions"] >= 0).sum(1)                                                 # (B,)
     z, kl, beta = mc(e, lengths, forced)
     logits = model.upper(e + mc.apply(z, e), layer)                                      # ALGO LOGIC: Eq. 11, (B, T, 4)
@@ -1282,7 +1462,7 @@ def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int,
     """Held-out switch statistics (posterior means, no sampling), plus NLL, KL and a beta histogram."""
     betas, subgoals, lens, nll, kl, n = [], [], [], 0.0, 0.0, 0
     for b in batches_of(episodes, 256, device):
-        e = model.lower(b["cells"], layer)
+        e = model.lower(b["obs"], layer)
         lengths = (b["actions"] >= 0).sum(1)
         z, k, beta = mc(e, lengths, sample=False)
         logits = model.upper(e + mc.apply(z, e), layer)
@@ -1485,7 +1665,7 @@ def subgoal_codes(model: GPT, mc: MetaController, episodes: list, layer: int, de
     sums = torch.zeros(gw.N_SUBGOALS, mc.decoder[0].in_features, device=device)         # (K, Z)
     counts = torch.zeros(gw.N_SUBGOALS, device=device)
     for b in batches_of(episodes, 256, device):
-        e = model.lower(b["cells"], layer)
+        e = model.lower(b["obs"], layer)
         z, _, _ = mc(e, (b["actions"] >= 0).sum(1), sample=False)                       # (B, T, Z)
         m = b["subgoals"] >= 0
         sums.index_add_(0, b["subgoals"][m], z[m])
@@ -1581,15 +1761,31 @@ def make_figures(args: Args, results: dict) -> list:
         plt.close(fig)
 
     # the env (Fig. 2 style): one pretraining-task layout, rendered by the env's own rgb_array mode
-    env = gw.GridPinpadEnv(render_mode="rgb_array")
-    env.reset(seed=args.seed, options={"task": gw.PRETRAIN_TASKS[0]})
-    fig, ax = plt.subplots(figsize=(3.2, 3.4))
-    ax.imshow(env.render())
-    ax.set(xticks=[], yticks=[], title="gridworld-pinpad (black: agent, grey: walls)")
-    ax.title.set_fontsize(8)
-    save(fig, "env.png")
+    E = env_module(args.task)
+    try:
+        env = E.GridPinpadEnv(render_mode="rgb_array") if args.task == "grid" else E.AntPinpadEnv(render_mode="rgb_array")
+        env.reset(seed=args.seed, options={"task": E.PRETRAIN_TASKS[0]})
+        img = env.render()
+    except Exception as e:  # noqa: BLE001 -- MuJoCo needs an OpenGL backend; the other figures do not
+        img = None
+        print(f"[12 figures] no env.png: MuJoCo cannot render here ({type(e).__name__}); try MUJOCO_GL=egl")
+    if img is not None:
+        fig, ax = plt.subplots(figsize=(3.2, 3.4))
+        ax.imshow(img)
+        ax.set(xticks=[], yticks=[], title="gridworld-pinpad (black: agent, grey: walls)" if args.task == "grid" else
+               "ant-pinpad (colours 0-3: red, orange, green, blue; dark: wall)")
+        ax.title.set_fontsize(8)
+        save(fig, "env.png")
     curve = results.get("pretrain", {}).get("curve", [])
-    if curve:                                    # the pretraining diagnostics against training minutes
+    if curve and args.task == "ant":             # the ant: held-out NLL, action error and probe gap
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        mins = [c["minutes"] for c in curve]
+        ax.plot(mins, [c["mse"] for c in curve], "o-", label="mean-action squared error")
+        ax.plot(mins, [c["probe_mid"] - c["probe_l0"] for c in curve], "s-", label="probe gap, layer L/2 - layer 0")
+        ax.set(xlabel="pretraining minutes", title="Pretraining diagnostics (held-out)")
+        ax.legend(frameon=False, fontsize=7)
+        save(fig, "pretrain_curve.png")
+    elif curve:                                  # the pretraining diagnostics against training minutes
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
         mins = [c["minutes"] for c in curve]
         ax.plot(mins, [c["opt_acc_pair"] for c in curve], "o-", label="optimal-action acc, pair-determined")
@@ -1680,8 +1876,14 @@ def main(argv=None) -> dict:
             f"figures in {args.out}: {', '.join(os.path.basename(f) for f in figs)}")
         return results
 
+    if args.task == "ant":                       # fail early, with the fix, where MuJoCo cannot load
+        try:
+            env_module("ant").AntPinpadEnv().close()
+        except Exception as e:  # noqa: BLE001
+            sys.exit(f"internal_rl.py: error: --task ant needs MuJoCo ({type(e).__name__}: {str(e)[:120]}); "
+                     f"pip install -r requirements.txt (gymnasium[mujoco], mujoco)")
     t = time.time()
-    data = make_datasets(args)
+    data = make_datasets(args, log)
     stage_time["data"] = time.time() - t
     log("3 data", f"held-out D {len(data['heldout'])} episodes, D* {len(data['dstar_train'])} train + "
         f"{len(data['dstar_heldout'])} held-out ({stage_time['data']:.1f}s)")

@@ -1,6 +1,6 @@
 """Tests: env contracts, model invariants, numerical references, and small runs that must learn.
 
-Run with ``python -m pytest -q test_internal_rl.py`` (under a minute on an idle 2-core CPU)."""
+Run with ``python -m pytest -q test_internal_rl.py`` (about a minute on an idle 2-core CPU)."""
 import json
 import os
 import subprocess
@@ -146,7 +146,6 @@ def test_expert_noise_stays_safe():
 
 # ----------------------------------------------------------------------------------- the ant env
 # MuJoCo may be missing or unable to load on some machines: these tests then skip, with the reason.
-os.environ.setdefault("MUJOCO_GL", "egl")     # headless rendering (CI has no display)
 import ant_tasks as at  # noqa: E402  (imports MuJoCo lazily, so this never fails)
 
 
@@ -259,7 +258,7 @@ def model_and_batch():
 
 def test_transformer_is_causal(model_and_batch):
     args, model, b = model_and_batch
-    cells = b["cells"].clone()
+    cells = b["obs"].clone()
     a1, o1, r1 = model(cells)
     t = 5
     cells[:, t + 1:, -1] = (cells[:, t + 1:, -1] + 7) % 49                  # change every step after t
@@ -272,10 +271,10 @@ def test_transformer_is_causal(model_and_batch):
 
 def test_kv_cache_matches_full_forward(model_and_batch):
     _, model, b = model_and_batch
-    full, _, _ = model(b["cells"])
+    full, _, _ = model(b["obs"])
     cache, steps = model.new_cache(), []
-    for t in range(b["cells"].shape[1]):
-        logits, _, _ = model(b["cells"][:, t:t + 1], cache=cache)
+    for t in range(b["obs"].shape[1]):
+        logits, _, _ = model(b["obs"][:, t:t + 1], cache=cache)
         steps.append(logits)
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
@@ -286,8 +285,8 @@ def test_controlled_forward_matches_a_hand_written_reference(model_and_batch):
     torch.manual_seed(1)
     U = torch.randn(args.n_embd, args.n_embd) * 0.1
     layer = 1
-    out, _, _ = model(b["cells"], lambda x: x @ U.T, layer)
-    e = model.embed(b["cells"])
+    out, _, _ = model(b["obs"], lambda x: x @ U.T, layer)
+    e = model.embed(b["obs"])
     for l, block in enumerate(model.blocks, start=1):
         e = block(e, model.buckets)
         if l == layer:
@@ -299,11 +298,11 @@ def test_controlled_forward_matches_a_hand_written_reference(model_and_batch):
     with torch.no_grad():
         ctrl.A.normal_(std=0.1)
     g = b["subgoals"].clamp(min=0)
-    full, _, _ = model(b["cells"], lambda x: ctrl(x, g), layer)
+    full, _, _ = model(b["obs"], lambda x: ctrl(x, g), layer)
     cache, steps = model.new_cache(), []
-    for t in range(b["cells"].shape[1]):
+    for t in range(b["obs"].shape[1]):
         gt = g[:, t:t + 1]
-        steps.append(model(b["cells"][:, t:t + 1], lambda x: ctrl(x, gt), layer, cache)[0])
+        steps.append(model(b["obs"][:, t:t + 1], lambda x: ctrl(x, gt), layer, cache)[0])
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
@@ -311,13 +310,13 @@ def test_zero_controller_is_exact_identity_and_nonzero_steers(model_and_batch):
     args, model, b = model_and_batch
     ctrl = ir.SubgoalControllers(gw.N_SUBGOALS, args.n_embd, args.ctrl_rank)   # A = 0 at init
     g = b["subgoals"].clamp(min=0)
-    base, _, _ = model(b["cells"])
+    base, _, _ = model(b["obs"])
     for layer in range(args.n_layer + 1):
-        same, _, _ = model(b["cells"], lambda x: ctrl(x, g), layer)
+        same, _, _ = model(b["obs"], lambda x: ctrl(x, g), layer)
         assert torch.equal(same, base)
     with torch.no_grad():
         ctrl.A.normal_()
-    moved, _, _ = model(b["cells"], lambda x: ctrl(x, g), 1)
+    moved, _, _ = model(b["obs"], lambda x: ctrl(x, g), 1)
     assert not torch.allclose(moved, base, atol=1e-3)
 
 
@@ -431,6 +430,9 @@ def test_corrupt_checkpoint_is_reported_with_the_fix(tmp_path):
     (["--seed", "-1"], "non-negative"),
     (["--cooldown", "2"], "[0, 1]"),
     (["--device", "tpu"], "valid choices: auto, cpu"),
+    (["--task", "ant", "--stop-after", "rl"], "up to --stop-after controllers"),
+    (["--task", "ant", "--n-train", "0"], "--n-train must be positive"),
+    (["--n-train", "5"], "--n-train is for the ant"),
 ])
 def test_bad_input_exits_with_one_line(argv, needle):
     with pytest.raises(SystemExit) as e:
@@ -445,6 +447,68 @@ def test_bad_task_from_the_command_line_has_no_traceback():
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+# ------------------------------------------------------------------------- the pipeline on the ant
+ANT_TINY = ["--task", "ant", "--n-embd", "32", "--n-layer", "2", "--n-head", "2", "--n-train", "6", "--n-heldout", "2",
+            "--n-dstar", "4", "--batch-size", "4", "--bucket-batches", "1", "--warmup", "2", "--log-every", "1000",
+            "--eval-every", "1000", "--quick-probe-episodes", "2", "--n-probe", "4", "--probe-steps", "10",
+            "--ctrl-steps", "3", "--ctrl-batch", "2", "--n-eval", "2", "--workers", "1"]
+
+
+def test_ant_constants_agree_with_the_env():
+    assert (ir.ANT_OBS_DIM, ir.ANT_MAX_STEPS) == (at.OBS_DIM, at.MAX_STEPS)
+
+
+def test_ant_model_is_causal_and_its_gaussian_head_matches_torch():
+    args = ir.parse_args(["--task", "ant", "--n-embd", "32", "--n-layer", "2", "--n-head", "2"])
+    torch.manual_seed(0)
+    model = ir.GPT(args).eval()
+    obs, actions = torch.randn(3, 12, at.OBS_DIM), torch.rand(3, 12, 8) * 2 - 1
+    mean, nxt, res = model(obs)
+    assert mean.shape == (3, 12, 8) and nxt.shape == (3, 12, at.OBS_DIM) and len(res) == 3
+    changed = obs.clone()
+    changed[:, 7:] += 1.0                                                   # change every step after t = 6
+    mean2, _, _ = model(changed)
+    assert torch.equal(mean[:, :7], mean2[:, :7]) and not torch.allclose(mean[:, 7:], mean2[:, 7:])
+    ref = torch.distributions.Normal(mean, model.log_std.exp()).log_prob(actions).sum(-1)    # (3, 12)
+    assert torch.allclose(model.action_logp(mean, actions), ref, atol=1e-5)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[0, 5:] = False
+    assert torch.allclose(model.action_nll(mean, actions, mask), -ref[mask].mean(), atol=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(model.sample(mean[:, 0], True, gen), mean[:, 0])
+    draws = torch.stack([model.sample(mean[:, 0], False, gen) for _ in range(2000)])        # (2000, 3, 8)
+    assert torch.allclose(draws.std(0).mean(), model.log_std.exp().mean(), rtol=0.1)
+
+
+def test_grid_action_nll_is_the_cross_entropy(model_and_batch):
+    _, model, b = model_and_batch
+    logits, _, _ = model(b["obs"])
+    assert torch.allclose(model.action_nll(logits, b["actions"], b["mask"]), ir.masked_ce(logits, b["actions"]))
+
+
+def test_ant_data_do_not_depend_on_the_number_of_workers(tmp_path, ant_env):
+    sets = []
+    for w in (1, 2):
+        args = ir.parse_args(ANT_TINY + ["--workers", str(w), "--out", str(tmp_path / f"w{w}")])
+        sets.append(ir.make_datasets(args, ir.Logger(args.out)))
+    for name in ("train", "heldout", "dstar_train", "dstar_heldout"):
+        assert len(sets[0][name]) == len(sets[1][name]) > 0
+        for a, b in zip(sets[0][name], sets[1][name]):
+            assert np.array_equal(a["obs"], b["obs"]) and np.array_equal(a["actions"], b["actions"])
+    assert sets[0]["eval_seed"] == sets[1]["eval_seed"]
+
+
+def test_ant_tiny_run_through_controllers_and_reuse(tmp_path, capsys, ant_env):
+    out = str(tmp_path / "ant")
+    r = ir.main(ANT_TINY + ["--pretrain-steps", "3", "--out", out])
+    assert r["task"] == "ant" and len(r["probe_accuracy"]) == 3 and r["controller_success"][1] is not None
+    assert "heldout_mse" in r["pretrain"] and os.path.exists(os.path.join(out, "data.pt"))
+    capsys.readouterr()
+    ir.main(ANT_TINY + ["--pretrain-steps", "3", "--out", out])
+    txt = capsys.readouterr().out
+    assert txt.count("reusing") == 4                      # data, pretrain, probe, controllers
+
+
 # ------------------------------------------------------------------- metacontroller and internal RL
 @pytest.fixture(scope="module")
 def mc_setup(model_and_batch):
@@ -454,7 +518,7 @@ def mc_setup(model_and_batch):
     with torch.no_grad():                     # a random decoder (the real init has A = 0, i.e. U = 0)
         mc.decoder[2].weight.normal_(0, 0.1)
         mc.decoder[2].bias.normal_(0, 0.1)
-    e = model.lower(b["cells"], args.n_layer // 2).detach()
+    e = model.lower(b["obs"], args.n_layer // 2).detach()
     return args, model, b, mc, e, (b["actions"] >= 0).sum(1)
 
 
@@ -462,7 +526,7 @@ def test_lower_then_upper_equals_forward_with_the_same_controller(mc_setup):
     args, model, b, mc, e, lengths = mc_setup
     z = torch.randn(e.shape[0], e.shape[1], args.n_z)
     A, Bm = mc.factors(z)
-    full, _, _ = model(b["cells"], lambda x: ir.apply_controller(x, A, Bm), args.n_layer // 2)
+    full, _, _ = model(b["obs"], lambda x: ir.apply_controller(x, A, Bm), args.n_layer // 2)
     split = model.upper(e + mc.apply(z, e), args.n_layer // 2)
     assert torch.allclose(full, split, atol=1e-4)                           # and the fast U e is the explicit one
 
@@ -569,9 +633,9 @@ def test_rl_update_makes_rewarded_episodes_more_likely(model_and_batch):
     args, model, b = model_and_batch
     policy = ir.copy.deepcopy(model).requires_grad_(True)
     r = ir.rollout(policy, gw.POSTTRAIN_TASK, 16, 0, "cpu", record=True)
-    batch = {"cells": r["cells"], "actions": r["actions"], "mask": ir.step_mask(r["lengths"], r["actions"].shape[1]),
+    batch = {"obs": r["obs"], "actions": r["actions"], "mask": ir.step_mask(r["lengths"], r["actions"].shape[1]),
              "rewards": torch.tensor([1.0, 0.0] * 8)}                         # pretend every other one succeeded
-    logp_fn = lambda bb: ir.token_logp(policy, bb["cells"], bb["actions"])
+    logp_fn = lambda bb: ir.token_logp(policy, bb["obs"], bb["actions"])
     score = lambda: ((logp_fn(batch) * batch["mask"]).sum(1) / batch["mask"].sum(1)).detach()
     before = score()
     a = ir.Args(**{**args.__dict__, "rl_episodes": 64, "rl_batch": 16, "rl_epochs": 2})

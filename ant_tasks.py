@@ -334,7 +334,7 @@ class AntPinpadEnv(gym.Env):
         qpos, qvel = self.ant.data.qpos, self.ant.data.qvel
         xy = qpos[:2]
         rel = [(cell_centre(c) - xy) / CELL_SIZE for c in self.colour_cells + [self.wall]]
-        inside = (xy - cell_centre(max(cell_of(xy), 0))) / (CELL_SIZE / 2)
+        inside = (xy - cell_centre(cell_of(np.clip(xy, -HALF + 1e-6, HALF - 1e-6)))) / (CELL_SIZE / 2)  # nearest cell outside
         return np.concatenate([symlog(np.concatenate([qpos[2:], qvel])), xy / HALF, *rel, inside]).astype(np.float32)
 
     def _info(self) -> dict:

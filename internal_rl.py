@@ -217,11 +217,14 @@ def parse_args(argv=None) -> Args:
     if task not in TASK_PRESETS:
         sys.exit(f"internal_rl.py: error: unknown --task {task!r}; valid choices: {', '.join(TASK_PRESETS)}")
     args = Args(**{**TASK_PRESETS[task], **given})
-    if task == "ant" and STAGES.index(args.stop_after if args.stop_after in STAGES else "rl") > STAGES.index("controllers"):
-        sys.exit("internal_rl.py: error: --task ant runs the stages up to --stop-after controllers for now (the "
-                 "metacontroller and RL on the ant are still to come); drop --stop-after or use pretrain, probe, controllers")
     if args.stop_after not in STAGES:
         sys.exit(f"internal_rl.py: error: unknown --stop-after {args.stop_after!r}; valid choices: {', '.join(STAGES)}")
+    if task == "ant" and STAGES.index(args.stop_after) > STAGES.index("controllers"):
+        sys.exit("internal_rl.py: error: --task ant runs the stages up to --stop-after controllers for now (the "
+                 "metacontroller and RL on the ant are still to come); drop --stop-after or use pretrain, probe, controllers")
+    if task == "grid" and args.ctrl_rank == 0:
+        sys.exit("internal_rl.py: error: --ctrl-rank 0 (full rank) is for the ant; the grid's controllers and "
+                 "metacontroller decoder need a rank, e.g. 16")
     for f in dataclasses.fields(Args):
         v = getattr(args, f.name)
         may_be_zero = ("seed", "epsilon", "obs_coef", "weight_decay", "warmup", "cooldown", "threads", "alpha",
@@ -467,23 +470,29 @@ def batches_of(episodes: list, size: int, device):
         yield collate([episodes[j] for j in order[i:i + size]], device)
 
 
+ANT_CHUNK = 20                  # ant episodes per seeded chunk of work
+
+
 def ant_chunk(job: tuple) -> list:
     """Worker process: ``n`` successful ant expert episodes from one seed (task uniform per episode)."""
     import ant_tasks as at
     seed, n, noise = job
     env, rng, out = at.AntPinpadEnv(), np.random.default_rng(seed), []
-    while len(out) < n:
+    for _ in range(20 * n):
         ep = at.expert_episode(env, rng, at.PRETRAIN_TASKS[int(rng.integers(len(at.PRETRAIN_TASKS)))], noise)
         if ep["success"]:                            # D holds successful trajectories [P C.1.1]
             out.append({"obs": ep["obs"].astype(np.float32), "actions": ep["actions"].astype(np.float32),
                         "subgoals": ep["subgoals"].astype(np.int64)})
-    return out
+            if len(out) == n:
+                return out
+    raise RuntimeError(f"the ant expert succeeded in only {len(out)} of {20 * n} episodes with --action-noise "
+                       f"{noise}; use a smaller --action-noise (0.03 keeps ~0.84 success, 0.1 ~0.31)")
 
 
 def ant_datasets(args: Args, log) -> dict:
     """The ant's stored sets D (train, held-out) and D* (train, held-out), cached in ``<out>/data.pt``.
 
-    Episodes come in chunks of 20, each from its own seed, so the data do not depend on --workers."""
+    Episodes come in chunks of ANT_CHUNK, each from its own seed, so the data do not depend on --workers."""
     import multiprocessing
     path, fp = os.path.join(args.out, "data.pt"), fingerprint(args, "data")
     ss = np.random.SeedSequence(args.seed).spawn(5)
@@ -493,14 +502,17 @@ def ant_datasets(args: Args, log) -> dict:
     if ck is None:
         jobs, t0 = [], time.time()
         for k, (name, (n, noise)) in enumerate(sizes.items()):
-            for j, child in enumerate(ss[k].spawn((n + 19) // 20)):
-                jobs.append((name, (int(child.generate_state(1)[0]), min(20, n - 20 * j), noise)))
+            for j, child in enumerate(ss[k].spawn(-(-n // ANT_CHUNK))):
+                jobs.append((name, (int(child.generate_state(1)[0]), min(ANT_CHUNK, n - ANT_CHUNK * j), noise)))
         sets = {name: [] for name in sizes}
         with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-            for i, eps in enumerate(pool.imap(ant_chunk, [job for _, job in jobs])):
-                sets[jobs[i][0]] += eps
-                if (i + 1) % max(1, len(jobs) // 10) == 0 or i + 1 == len(jobs):
-                    log("3 data", f"ant expert episodes: chunk {i + 1}/{len(jobs)} | {eta(t0, i + 1, len(jobs))}")
+            try:
+                for i, eps in enumerate(pool.imap(ant_chunk, [job for _, job in jobs])):
+                    sets[jobs[i][0]] += eps
+                    if (i + 1) % max(1, len(jobs) // 10) == 0 or i + 1 == len(jobs):
+                        log("3 data", f"ant expert episodes: chunk {i + 1}/{len(jobs)} | {eta(t0, i + 1, len(jobs))}")
+            except RuntimeError as e:
+                sys.exit(f"internal_rl.py: error: {e}")
         # one tensor per field and set (episodes concatenated), so weights_only loading works
         ck = {"fingerprint": fp, "sets": {name: {
             "obs": torch.from_numpy(np.concatenate([ep["obs"] for ep in eps])),
@@ -913,7 +925,10 @@ def pretrain(args: Args, data: dict, device, log: Logger):
         load_weights(model, ck, path)
         log("6 pretrain", f"reusing {path} (trained {ck['metrics']['steps']} steps in {ck['metrics']['train_time_s']:.0f}s)")
         return model, ck["metrics"]
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    # weight decay on every weight except the ant's log std (decay would pull it towards std 1)
+    decay = [p for name, p in model.named_parameters() if name != "log_std"]
+    groups = [{"params": decay}] + ([{"params": [model.log_std], "weight_decay": 0.0}] if args.task == "ant" else [])
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     rng, step, spent, curve = data["train_rng"], 0, 0.0, []
     # An interrupted run resumes model, optimiser and data stream from the last evaluation. (The data
     # stream restarts at a fresh length bucket, so a resumed run is close to, not bit-identical with, an
@@ -1104,7 +1119,8 @@ class SubgoalControllers(nn.Module):
 def train_controllers(args: Args, model: GPT, layer: int, episodes: list, device, log: Logger) -> SubgoalControllers:
     """Minimise sum_t -ln p(a_t | o_{1:t}, g_t) on D* with the base model frozen (only A, B train)."""
     model.requires_grad_(False).eval()       # the base model is frozen: gradients reach only A and B
-    ctrl = SubgoalControllers(gw.N_SUBGOALS, args.n_embd, args.ctrl_rank or args.n_embd).to(device)  # 0: full rank
+    K = env_module(args.task).N_SUBGOALS
+    ctrl = SubgoalControllers(K, args.n_embd, args.ctrl_rank or args.n_embd).to(device)           # rank 0: full
     opt = torch.optim.AdamW(ctrl.parameters(), lr=args.ctrl_lr, weight_decay=args.weight_decay)
     rng = np.random.default_rng(args.seed + 100 + layer)
     t0 = time.time()
@@ -1767,6 +1783,8 @@ def make_figures(args: Args, results: dict) -> list:
         env.reset(seed=args.seed, options={"task": E.PRETRAIN_TASKS[0]})
         img = env.render()
     except Exception as e:  # noqa: BLE001 -- MuJoCo needs an OpenGL backend; the other figures do not
+        if args.task == "grid":
+            raise
         img = None
         print(f"[12 figures] no env.png: MuJoCo cannot render here ({type(e).__name__}); try MUJOCO_GL=egl")
     if img is not None:

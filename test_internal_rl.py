@@ -197,6 +197,9 @@ def test_ant_visits_and_every_episode_end(ant_env):
     teleport(env, env.colour_cells[2])                       # the first needed colour: a visit, no reward
     _, r, term, _, info = env.step(zero)
     assert (r, term, info["visited"], info["subgoal"]) == (0.0, False, 1, 0)
+    for _ in range(3):                                       # staying inside it is not a new visit
+        _, r, term, _, info = env.step(zero)
+        assert (r, term, info["visited"]) == (0.0, False, 1)
     teleport(env, free)
     env.step(zero)
     teleport(env, env.colour_cells[2])                       # back onto the colour just visited: failure
@@ -218,6 +221,13 @@ def test_ant_visits_and_every_episode_end(ant_env):
         _, r, term, _, info = env.step(zero)
         assert (r, term) == ((1.0, True) if i == 2 else (0.0, False))
     assert info["success"] and info["end"] == "success"
+    short = at.AntPinpadEnv(max_steps=3)                     # time-out: truncation, not termination
+    short.reset(seed=1, options={"task": (2, 0, 3)})
+    for t in range(3):
+        teleport(short, free)
+        _, r, term, trunc, info = short.step(zero)
+        assert (term, trunc) == (False, t == 2) and r == 0.0
+    assert info["end"] == "time-out" and not short.failed
 
 
 def test_ant_observation_carries_no_task(ant_env):
@@ -433,6 +443,8 @@ def test_corrupt_checkpoint_is_reported_with_the_fix(tmp_path):
     (["--task", "ant", "--stop-after", "rl"], "up to --stop-after controllers"),
     (["--task", "ant", "--n-train", "0"], "--n-train must be positive"),
     (["--n-train", "5"], "--n-train is for the ant"),
+    (["--task", "ant", "--stop-after", "nope"], "valid choices: pretrain"),
+    (["--ctrl-rank", "0"], "full rank) is for the ant"),
 ])
 def test_bad_input_exits_with_one_line(argv, needle):
     with pytest.raises(SystemExit) as e:
@@ -486,15 +498,23 @@ def test_grid_action_nll_is_the_cross_entropy(model_and_batch):
     assert torch.allclose(model.action_nll(logits, b["actions"], b["mask"]), ir.masked_ce(logits, b["actions"]))
 
 
-def test_ant_data_do_not_depend_on_the_number_of_workers(tmp_path, ant_env):
+def test_ant_data_do_not_depend_on_the_number_of_workers(tmp_path, monkeypatch, ant_env):
+    monkeypatch.setattr(ir, "ANT_CHUNK", 2)                       # several chunks per set, cheaply
     sets = []
-    for w in (1, 2):
-        args = ir.parse_args(ANT_TINY + ["--workers", str(w), "--out", str(tmp_path / f"w{w}")])
+    for w in (1, 2, 2):                                           # the second w = 2 reloads data.pt
+        args = ir.parse_args(ANT_TINY + ["--n-train", "5", "--workers", str(w), "--out", str(tmp_path / f"w{min(w, 2)}")])
         sets.append(ir.make_datasets(args, ir.Logger(args.out)))
-    for name in ("train", "heldout", "dstar_train", "dstar_heldout"):
-        assert len(sets[0][name]) == len(sets[1][name]) > 0
-        for a, b in zip(sets[0][name], sets[1][name]):
-            assert np.array_equal(a["obs"], b["obs"]) and np.array_equal(a["actions"], b["actions"])
+    # the first chunk of D, generated directly, is what the sets hold
+    seed = int(np.random.SeedSequence(0).spawn(5)[0].spawn(3)[0].generate_state(1)[0])
+    direct = ir.ant_chunk((seed, 2, 0.03))
+    for name, n in (("train", 5), ("heldout", 2), ("dstar_train", 4), ("dstar_heldout", 4)):
+        assert len(sets[0][name]) == len(sets[1][name]) == len(sets[2][name]) == n
+        for a, b, c in zip(*(s[name] for s in sets)):
+            assert len(a["obs"]) == len(a["actions"]) + 1 == len(a["subgoals"]) + 1
+            for k in ("obs", "actions", "subgoals"):
+                assert np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k])
+    for ep, ref in zip(sets[0]["train"][:2], direct):
+        assert all(np.array_equal(ep[k], ref[k]) for k in ("obs", "actions", "subgoals"))
     assert sets[0]["eval_seed"] == sets[1]["eval_seed"]
 
 

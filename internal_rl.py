@@ -46,6 +46,8 @@ What to expect (measured on a 2-core CPU, seeds 0 and 1, defaults; the README ha
     boundaries with F1 0.999 on seed 1 (0.159 on seed 0). No RL method sees a post-training success in
     24,576 episodes yet (token-level, internal, internal with beta = 1: all 0.000): at CPU scale the base
     model's steerability through unseen subgoal orders is the limit (README).
+    The ant (--task ant, stages up to controllers): ~47 min; the imitation improves steadily but no
+    subgoal code emerges yet (probes at chance), so controllers do not steer (README).
 
 Table of contents (the section banners below carry the same numbers; log lines are prefixed with them)
     1. Args: every setting, with per-task defaults

@@ -260,7 +260,7 @@ class AntPinpadEnv(gym.Env):
         self._tiles = [self.ant.model.geom(f"tile{i}").id for i in range(N_CELLS)]
         self.task: tuple = PRETRAIN_TASKS[0]
         self.colour_cells, self.wall, self.cell = [0, 1, 2, 3], 4, 5
-        self.progress, self.t, self.failed, self.end_reason = 0, 0, False, ""
+        self.progress, self.t, self.end_reason = 0, 0, ""
 
     @staticmethod
     def _check_task(task) -> tuple:
@@ -292,7 +292,7 @@ class AntPinpadEnv(gym.Env):
         qpos[7:] += rng.uniform(-0.1, 0.1, 8)
         qvel = rng.uniform(-0.1, 0.1, ant.model.nv)
         ant.set_state(qpos, qvel)
-        self.cell, self.progress, self.t, self.failed, self.end_reason = start, 0, 0, False, ""
+        self.cell, self.progress, self.t, self.end_reason = start, 0, 0, ""
         return self._obs(), self._info()
 
     def step(self, action):
@@ -316,10 +316,14 @@ class AntPinpadEnv(gym.Env):
                 end = "wrong colour"
         self.cell = cell
         terminated = bool(end)
-        self.failed = terminated and end != "success"
         truncated = self.t >= self.max_steps and not terminated
         self.end_reason = end or ("time-out" if truncated else "")
         return self._obs(), reward, terminated, truncated, self._info()
+
+    @property
+    def failed(self) -> bool:
+        """Ended by a failure (not success, not a time-out)."""
+        return self.end_reason not in ("", "success", "time-out")
 
     @property
     def success(self) -> bool:

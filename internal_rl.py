@@ -32,22 +32,17 @@ Commands (2-core CPU)
     python internal_rl.py --task grid                              # every stage
     python internal_rl.py --task grid --stop-after pretrain        # or: probe, controllers, metacontroller
     python internal_rl.py --task grid --seed 1 --out runs/grid-seed1
-    python internal_rl.py --task ant                               # MuJoCo ant: stages up to controllers so far
+    python internal_rl.py --task ant                               # the MuJoCo ant, every stage
     python -m pytest -q test_internal_rl.py                        # the tests, about a minute
 Outputs go to ``--out`` (default ``runs/<task>-seed<seed>``): checkpoints (``*.pt``), ``metrics.jsonl``
 (one JSON line per log line), figures (``*.png``) and ``results.json``. A rerun with the same settings
 reuses every finished stage; changing a setting retrains the stages it affects and everything after.
 
-What to expect (measured on a 2-core CPU, seeds 0 and 1, defaults; the README has the full table)
-    40-45 min in all (pretraining 21-24 min). Held-out action NLL 0.316. Probe accuracy for the current
-    subgoal 0.40 at the input embedding -> 0.66 at layer L/2 (chance 0.25). Ground-truth controllers at layer
-    L/2 succeed on 0.39 of pretraining-task episodes (base model alone 0.06), but not yet on the post-training
-    task (0.002; the paper reports about 0.5-0.7). The metacontroller's switches match the true subgoal
-    boundaries with F1 0.999 on seed 1 (0.159 on seed 0). No RL method sees a post-training success in
-    24,576 episodes yet (token-level, internal, internal with beta = 1: all 0.000): at CPU scale the base
-    model's steerability through unseen subgoal orders is the limit (README).
-    The ant (--task ant, stages up to controllers): ~47 min; the imitation improves steadily but no
-    subgoal code emerges yet (probes at chance), so controllers do not steer (README).
+What to expect (2-core CPU, defaults; the README has the measured tables and what they mean)
+    Grid: 40-45 min for every stage. The current subgoal becomes linearly decodable mid-depth (probe 0.40 at
+    the input -> 0.66 at layer L/2, chance 0.25) and ground-truth controllers steer the pretraining tasks
+    (success 0.39, base model 0.06), but at CPU scale no RL method solves the post-training task yet.
+    Ant: every stage runs; its numbers are still being measured (see the README).
 
 Table of contents (the section banners below carry the same numbers; log lines are prefixed with them)
     1. Args: every setting, with per-task defaults
@@ -66,25 +61,20 @@ Table of contents (the section banners below carry the same numbers; log lines a
 
 Notation (shape comments use these letters)
     B batch (episodes)   T time steps   D residual width (n_embd)   L blocks (n_layer)   H heads
-    K subgoals (4: colour pairs in the grid, colours on the ant)   r controller rank (16)   Z code size (n_z = 8)   e_{t,l} residual at step t after block l
-    (l = 0 is the input embedding, l = L the last block)   U a D x D controller matrix, applied e <- e + U e
+    K subgoals (4: colour pairs in the grid, colours on the ant)   r controller rank (16)   Z code size (n_z = 8)
+    e_{t,l} residual at step t after block l (l = 0: the input embedding)   U a D x D controller, e <- e + U e
 
-Deliberate choices and deviations from the paper (also listed in the README)
-    * Size: d=64, 4 blocks, 4 heads (paper: d=256, 6 blocks) and ~1.2e6 training episodes (paper ~2.6e8):
-      the CPU budget (d=64 trains 2.7x faster per CPU-second than d=128). The controlled layer is
-      L/2 = 2, as in the paper. Pretraining ends with a linear learning-rate cool-down (paper: constant).
-    * Input embedding (the paper leaves it open): the observation's one-hot is re-indexed around the agent
-      (where is each object relative to me?) and embedded linearly, plus an embedding of the agent's cell.
-      A deterministic function of the observation with no task information; it made the subgoal code
-      emerge ~8x faster per CPU-second than a linear embedding of the flat 637-dim vector (PAPER.md 13).
+Deliberate choices and deviations from the paper (the README gives the reasons and measurements)
+    * Size: d=64, 4 blocks, 4 heads, ~1.2e6 training episodes (paper: d=256, 6 blocks, ~2.6e8), for the CPU
+      budget; the controlled layer is L/2 = 2 as in the paper; pretraining ends with a linear lr cool-down.
+    * Input embedding (the paper leaves it open): objects re-indexed around the agent plus the agent's cell; no
+      task information, and the subgoal code emerged ~8x faster per CPU-second than a flat one-hot (PAPER.md 13).
     * Next-observation loss: cross-entropy on the agent's next cell (the only part of o_{t+1} that changes).
-    * Optimiser steps, probe, controller and metacontroller training are shorter than Tables A4/A6/A7/A9,
-      with larger learning rates (the values are in Args); alpha ramps up over the first 30% of the
-      metacontroller's steps (without it the posterior collapsed). RL: 24,576 episodes per method.
+    * Shorter schedules, larger learning rates than Tables A4/A6/A7/A9 (values in Args); alpha ramps up over
+      the first 30% of metacontroller steps (without it the posterior collapsed). RL: 24,576 episodes each.
     * Sequence embedder, history GRU and z-policy are GRUs (the paper: Hawk SSMs).
-    * The ant (ant_tasks.py): the same transformer (the paper: a Hawk SSM) with a linear input embedding
-      and a Gaussian action head (state-independent std); a hand-designed expert instead of a PPO agent;
-      D is a stored set of successful episodes. The metacontroller and RL stages do not run on it yet.
+    * The ant (ant_tasks.py): the same transformer (paper: a Hawk SSM) with a linear input embedding and a
+      Gaussian action head; a hand-designed expert (paper: PPO); full-rank controllers and decoder (Table A8).
 """
 from __future__ import annotations
 
@@ -109,10 +99,9 @@ import gridworld as gw
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Args: every setting, with per-task defaults
-# ---------------------------------------------------------------------------------------------------
 # Every tunable number of the file lives here, grouped by the section that uses it; `--help` prints the
-# same text. Per-task overrides sit in TASK_PRESETS just below, so the grid and (later) ant defaults can
-# be compared in one place. The defaults are what the README's numbers were measured with.
+# same text. Per-task overrides sit in TASK_PRESETS just below, so the grid and ant defaults can be
+# compared in one place. The defaults are what the README's numbers were measured with.
 def arg(default, help: str):
     """A dataclass field that carries its own --help text."""
     return field(default=default, metadata={"help": help})
@@ -121,7 +110,7 @@ def arg(default, help: str):
 @dataclass
 class Args:
     # -- run --
-    task: str = arg("grid", "environment: grid (gridworld-pinpad) or ant (ant-pinpad; stages up to controllers so far)")
+    task: str = arg("grid", "environment: grid (gridworld-pinpad) or ant (ant-pinpad, MuJoCo)")
     seed: int = arg(0, "seed for everything (data, init, evaluation episodes)")
     device: str = arg("auto", "cpu, cuda, or auto (cuda when present)")
     out: str = arg("", "run folder (default runs/<task>-seed<seed>)")
@@ -137,6 +126,7 @@ class Args:
     n_train: int = arg(0, "episodes of a stored dataset D, reused every epoch (ant); 0 = fresh episodes every step (grid)")
     action_noise: float = arg(0.0, "ant: std of Gaussian noise on the expert's actions in D (D* never has any)")
     workers: int = arg(2, "processes that generate stored expert episodes (ant; one training job per machine)")
+    expert_eval: int = arg(200, "ant: post-training episodes that measure the expert's success (RL is normalised by it)")
     # -- base model (section 4) --
     n_layer: int = arg(4, "transformer blocks L (paper: 6)")
     n_head: int = arg(4, "attention heads")
@@ -193,67 +183,69 @@ class Args:
 # Per-task defaults: everything not listed here takes the dataclass default above.
 TASK_PRESETS = {
     "grid": {},
-    # The ant's expert is ~2,000 env steps/s (the grid's ~200,000), so D is a stored set, generated once
-    # by ``workers`` processes and reused for epochs; episodes are ~270 steps, so batches hold fewer.
-    # Controllers are full-rank on the ant (Table A8). The metacontroller and RL stages are not there yet.
+    # The ant: D is a stored set (section 3); episodes are ~270 steps, so batches hold fewer; controllers and
+    # the metacontroller's decoder are full rank (Table A8).
     "ant": dict(n_train=3000, action_noise=0.03, n_heldout=200, n_dstar=400, n_embd=128, batch_size=16,
                 pretrain_steps=3000, lr=1e-3, obs_coef=0.0, eval_every=500, log_every=100, quick_probe_episodes=200,
                 n_probe=400, ctrl_rank=0, ctrl_batch=16, ctrl_steps=400, ctrl_layers="mid", n_eval=100,
-                stop_after="controllers"),
+                mc_steps=300, mc_batch=16, rl_episodes=1024, rl_batch=64, rl_eval=200),
 }
 STAGES = ("pretrain", "probe", "controllers", "metacontroller", "rl")
+
+
+def die(msg: str):
+    """Stop with one line on stderr and no traceback: bad input, unreadable checkpoints, missing MuJoCo."""
+    sys.exit(f"internal_rl.py: error: {msg}")
+
+
+# settings that may be 0 (every other number must be positive; none may be negative)
+MAY_BE_ZERO = ("seed", "epsilon", "obs_coef", "weight_decay", "warmup", "cooldown", "threads", "alpha", "mc_kl_warmup",
+               "mc_gumbel", "n_train", "action_noise", "ctrl_rank")
 
 
 def parse_args(argv=None) -> Args:
     """Build argparse from the dataclass, apply the task preset, validate; bad input exits in one line."""
     p = argparse.ArgumentParser(description="Internal RL reference implementation (arXiv 2512.20605).")
-    for f in dataclasses.fields(Args):
+    for f in dataclasses.fields(Args):          # f.type is a string ("int", ...): annotations are postponed
         name = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if f.type == "bool":
             p.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.metadata["help"])
         else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(name, type=typ, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default {f.default!r})")
+            p.add_argument(name, type={"int": int, "float": float, "str": str}[f.type], default=argparse.SUPPRESS,
+                           help=f"{f.metadata['help']} (default {f.default!r})")
     given = vars(p.parse_args(argv))
     task = given.get("task", Args.task)
     if task not in TASK_PRESETS:
-        sys.exit(f"internal_rl.py: error: unknown --task {task!r}; valid choices: {', '.join(TASK_PRESETS)}")
+        die(f"unknown --task {task!r}; valid choices: {', '.join(TASK_PRESETS)}")
     args = Args(**{**TASK_PRESETS[task], **given})
     if args.stop_after not in STAGES:
-        sys.exit(f"internal_rl.py: error: unknown --stop-after {args.stop_after!r}; valid choices: {', '.join(STAGES)}")
-    if task == "ant" and STAGES.index(args.stop_after) > STAGES.index("controllers"):
-        sys.exit("internal_rl.py: error: --task ant runs the stages up to --stop-after controllers for now (the "
-                 "metacontroller and RL on the ant are still to come); drop --stop-after or use pretrain, probe, controllers")
+        die(f"unknown --stop-after {args.stop_after!r}; valid choices: {', '.join(STAGES)}")
     if task == "grid" and args.ctrl_rank == 0:
-        sys.exit("internal_rl.py: error: --ctrl-rank 0 (full rank) is for the ant; the grid's controllers and "
-                 "metacontroller decoder need a rank, e.g. 16")
+        die("--ctrl-rank 0 (full rank) is for the ant; the grid's controllers and metacontroller decoder need a "
+            "rank, e.g. 16")
     for f in dataclasses.fields(Args):
         v = getattr(args, f.name)
-        may_be_zero = ("seed", "epsilon", "obs_coef", "weight_decay", "warmup", "cooldown", "threads", "alpha",
-                       "mc_kl_warmup", "mc_gumbel", "n_train", "action_noise", "ctrl_rank")
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if v < 0 or (v == 0 and f.name not in may_be_zero):
-                need = "non-negative" if f.name in may_be_zero else "positive"
-                sys.exit(f"internal_rl.py: error: --{f.name.replace('_', '-')} must be {need}, got {v}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (v < 0 or (v == 0 and f.name not in MAY_BE_ZERO)):
+            die(f"--{f.name.replace('_', '-')} must be {'non-negative' if f.name in MAY_BE_ZERO else 'positive'}, got {v}")
     if not args.cooldown <= 1.0:
-        sys.exit(f"internal_rl.py: error: --cooldown is a fraction of the steps in [0, 1], got {args.cooldown}")
+        die(f"--cooldown is a fraction of the steps in [0, 1], got {args.cooldown}")
     if args.n_probe < 2 or args.quick_probe_episodes < 2:
-        sys.exit("internal_rl.py: error: --n-probe and --quick-probe-episodes need at least 2 episodes (half fit, half score)")
+        die("--n-probe and --quick-probe-episodes need at least 2 episodes (half fit, half score)")
     if args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()):
-        sys.exit(f"internal_rl.py: error: --device {args.device!r} is not available here; valid choices: auto, cpu"
-                 + (", cuda" if torch.cuda.is_available() else " (no CUDA device found)"))
+        die(f"--device {args.device!r} is not available here; valid choices: auto, cpu"
+            + (", cuda" if torch.cuda.is_available() else " (no CUDA device found)"))
     if args.task == "grid" and args.n_train:
-        sys.exit("internal_rl.py: error: --n-train is for the ant; the grid draws fresh expert episodes every step")
+        die("--n-train is for the ant; the grid draws fresh expert episodes every step")
     if args.task == "ant" and not args.n_train:
-        sys.exit("internal_rl.py: error: --task ant needs a stored dataset: --n-train must be positive")
+        die("--task ant needs a stored dataset: --n-train must be positive")
     if not 0.0 <= args.epsilon < 1.0:
-        sys.exit(f"internal_rl.py: error: --epsilon must be in [0, 1), got {args.epsilon}")
+        die(f"--epsilon must be in [0, 1), got {args.epsilon}")
     if args.n_embd % args.n_head:
-        sys.exit(f"internal_rl.py: error: --n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
+        die(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
     try:
         ctrl_layers(args)
     except ValueError as e:
-        sys.exit(f"internal_rl.py: error: {e}")
+        die(str(e))
     args.out = args.out or os.path.join("runs", f"{args.task}-seed{args.seed}")
     return args
 
@@ -274,11 +266,9 @@ def ctrl_layers(args: Args) -> list:
 
 # ---------------------------------------------------------------------------------------------------
 # 2. Plumbing: seeding, logging, checkpoints that know their settings          # BOILERPLATE
-# ---------------------------------------------------------------------------------------------------
-# Nothing in this section is part of the method; it is here so that runs are reproducible (one seed fixes
-# every number on the CPU), observable (a log line with throughput and ETA at fixed intervals, the same
-# lines as JSON in metrics.jsonl) and restartable (each stage saves a checkpoint tagged with a fingerprint
-# of the settings it depends on; a rerun reuses it, a changed setting retrains it and what follows).
+# Not part of the method: runs are reproducible (one seed, set in main(), fixes every number on the CPU),
+# observable (fixed-format log lines with throughput and ETA, also as JSON in metrics.jsonl) and restartable
+# (checkpoints carry a fingerprint of their settings: reused if it matches, else retrained with what follows).
 class Logger:
     """Print-first logging: one fixed-format line per event, also appended to metrics.jsonl."""
 
@@ -293,7 +283,7 @@ class Logger:
 
 
 def eta(t0: float, done: int, total: int) -> str:
-    """'12.3 s, eta 45 s' style progress string."""
+    """Progress string, e.g. '12s elapsed, eta 45s'."""
     el = time.time() - t0
     left = el / max(done, 1) * (total - done)
     return f"{el:.0f}s elapsed, eta {left:.0f}s"
@@ -305,20 +295,21 @@ def eta(t0: float, done: int, total: int) -> str:
 STAGE_PARENT = {"pretrain": None, "probe": "pretrain", "controllers": "pretrain", "metacontroller": "pretrain",
                 "rl": "metacontroller"}
 STAGE_FIELDS = {
-    "pretrain": ("task", "seed", "epsilon", "n_heldout", "batch_size", "bucket_batches", "n_layer", "n_head", "n_embd",
-                 "mlp_mult", "rel_buckets", "rel_max_distance", "pretrain_steps", "lr", "warmup", "cooldown", "weight_decay", "obs_coef",
-                 "grad_clip"),
+    "pretrain": ("task", "seed", "epsilon", "n_heldout", "batch_size", "bucket_batches", "n_layer", "n_head",
+                 "n_embd", "mlp_mult", "rel_buckets", "rel_max_distance", "pretrain_steps", "lr", "warmup",
+                 "cooldown", "weight_decay", "obs_coef", "grad_clip"),
     "probe": ("n_dstar", "n_probe", "probe_steps", "probe_lr"),
-    "controllers": ("n_dstar", "ctrl_rank", "ctrl_steps", "ctrl_batch", "ctrl_lr", "ctrl_layers", "n_eval", "greedy"),
-    "metacontroller": ("n_dstar", "alpha", "n_z", "mc_hidden", "mc_enc_hidden", "ctrl_rank", "mc_steps", "mc_batch",
-                       "mc_lr", "mc_kl_warmup", "mc_gumbel", "bucket_batches"),
+    "controllers": ("n_dstar", "n_probe", "ctrl_rank", "ctrl_steps", "ctrl_batch", "ctrl_lr", "ctrl_layers",
+                    "n_eval", "greedy"),                     # (n_probe: they are scored on held-out D*[:n_probe // 2])
+    "metacontroller": ("n_dstar", "n_probe", "alpha", "n_z", "mc_hidden", "mc_enc_hidden", "ctrl_rank", "mc_steps",
+                       "mc_batch", "mc_lr", "mc_kl_warmup", "mc_gumbel", "bucket_batches"),
     "rl": ("rl_episodes", "rl_batch", "rl_epochs", "clip_coef", "token_lr", "rl_eval", "irl_lr", "irl_hidden"),
 }
 
 
 # Fields only the ant reads enter only the ant's fingerprints (so adding them kept grid checkpoints valid).
-ANT_FIELDS = {"data": ("task", "seed", "n_train", "action_noise", "n_heldout", "n_dstar"),
-              "pretrain": ("n_train", "action_noise")}
+ANT_FIELDS = {"data": ("task", "seed", "n_train", "action_noise", "n_heldout", "n_dstar", "expert_eval"),
+              "pretrain": ("n_train", "action_noise"), "rl": ("expert_eval",)}     # rl: success_normalised
 
 
 def fingerprint(args: Args, stage: str) -> str:
@@ -335,36 +326,29 @@ def save_ckpt(path: str, obj: dict) -> None:
 
 
 def load_ckpt(path: str, fp: str, log: Logger, stage: str):
-    """The checkpoint at ``path`` if it was made with the same settings (fingerprint), else None.
-
-    An unreadable file stops the run with the path and the fix; a file made with other settings is
-    reported and retrained (never silently used)."""
+    """The checkpoint at ``path`` if its fingerprint matches, else None (logged, never silently used);
+    an unreadable file stops the run with the fix."""
     if not os.path.exists(path):
         return None
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
         assert isinstance(ck, dict) and "fingerprint" in ck
     except Exception as e:  # noqa: BLE001 -- any failure to read means the same thing to the user
-        sys.exit(f"internal_rl.py: error: cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:80]}); "
-                 f"delete it (or choose another --out) to retrain that stage")
+        die(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:80]}); delete it (or choose another "
+            f"--out) to retrain that stage")
     if ck["fingerprint"] != fp:
         log(stage, f"{path} was made with other settings ({ck['fingerprint']} != {fp}): retraining this stage")
         return None
     return ck
 
 
-def load_weights(model: nn.Module, ck: dict, path: str) -> None:
+def load_weights(model: nn.Module, state: dict, path: str) -> None:
     """load_state_dict, but a mismatch (a checkpoint from other code) names the file and the fix."""
     try:
-        model.load_state_dict(ck["model"])
-    except (RuntimeError, KeyError) as e:
-        sys.exit(f"internal_rl.py: error: checkpoint {path} does not fit this code's model ({str(e)[:80]}); "
-                 f"delete it (or choose another --out) to retrain that stage")
-
-
-def seed_everything(seed: int) -> None:
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        die(f"checkpoint {path} does not fit this code's model ({str(e)[:80]}); delete it (or choose another "
+            f"--out) to retrain that stage")
 
 
 def env_module(task: str):
@@ -377,10 +361,9 @@ def env_module(task: str):
 
 # ---------------------------------------------------------------------------------------------------
 # 3. Data: expert trajectories D and D*, length-bucketed batches               [P App. C.1.1, C.4.4]
-# ---------------------------------------------------------------------------------------------------
 # D: expert trajectories on the 16 pretraining tasks (the expert may be epsilon-noisy); used to pretrain.
-# D*: the same, always with epsilon = 0 ("more optimal"); used for controllers (and, next, the
-#     metacontroller), which the paper finds need cleaner demonstrations than the base model does.
+# D*: the same, always with epsilon = 0 ("more optimal"); used for controllers and the metacontroller,
+#     which the paper finds need cleaner demonstrations than the base model does.
 # With the default epsilon = 0 the two are equally distributed but drawn from separate random streams.
 # Each episode is stored compactly (gridworld.expert_episode):
 #   cells    (T+1, 13) int  observation o_1..o_{T+1} in index form: cells of walls 0..3, colours 0..7, agent
@@ -393,9 +376,10 @@ def env_module(task: str):
 # own random streams, so the train/held-out split is by episode.
 #
 # The ant (ant_tasks.expert_episode) stores obs (T+1, 41) float, actions (T, 8) float and subgoals (T,)
-# (the next colour). Its expert runs MuJoCo at ~2,000 steps/s, so D is a stored set of --n-train
-# successful episodes (the paper's D holds successful trajectories only), generated once by --workers
-# processes, cached in the run folder (data.pt) and reused for epochs. D (action noise) and D* (none).
+# (the next colour). Its expert runs MuJoCo at ~2,000 steps/s (the grid's ~200,000), so D is a stored set
+# of --n-train successful episodes (the paper's D holds successful trajectories only), generated once by
+# --workers processes (ant_tasks.generate_dataset), cached in the run folder (data.pt) and reused for
+# epochs. D has a little action noise, D* none.
 
 def generate_episodes(rng: np.random.Generator, n: int, tasks, epsilon: float) -> list:
     """n expert episodes, each on a task drawn uniformly from ``tasks``."""
@@ -443,26 +427,21 @@ def collate(episodes: list, device) -> dict:
     return b
 
 
-def fresh_batches(rng: np.random.Generator, args: Args, device):
-    """Endless stream of fresh, length-bucketed pretraining batches from dataset D.
+def bucketed_batches(rng: np.random.Generator, draw, size: int, n_bucket: int, device):
+    """Endless stream of length-bucketed batches of ``size`` episodes; ``draw(n)`` returns n episodes.
 
-    ``bucket_batches`` batches are generated at once, sorted by episode length and cut into batches, so
-    each batch pads to a similar length (most padding disappears); the batch order is then shuffled."""
+    ``n_bucket`` batches' worth are drawn at once, sorted by episode length and cut into batches, so each
+    batch pads to a similar length (most padding disappears); the batch order is then shuffled."""
     while True:
-        eps = generate_episodes(rng, args.batch_size * args.bucket_batches, gw.PRETRAIN_TASKS, args.epsilon)
-        eps.sort(key=lambda ep: len(ep["actions"]))
-        chunks = [eps[i:i + args.batch_size] for i in range(0, len(eps), args.batch_size)]
+        eps = sorted(draw(size * n_bucket), key=lambda ep: len(ep["actions"]))
+        chunks = [eps[i:i + size] for i in range(0, len(eps), size)]
         for j in rng.permutation(len(chunks)):
             yield collate(chunks[j], device)
 
 
-def sampled_batches(rng: np.random.Generator, episodes: list, size: int, n_bucket: int, device):
-    """Endless length-bucketed batches of episodes drawn (with replacement) from a stored set, e.g. D*."""
-    while True:
-        idx = sorted(rng.integers(len(episodes), size=size * n_bucket), key=lambda i: len(episodes[i]["actions"]))
-        chunks = [idx[i:i + size] for i in range(0, len(idx), size)]
-        for j in rng.permutation(len(chunks)):
-            yield collate([episodes[i] for i in chunks[j]], device)
+def sample_from(rng: np.random.Generator, episodes: list):
+    """A ``draw`` for bucketed_batches: episodes of a stored set (e.g. D*), with replacement."""
+    return lambda n: [episodes[i] for i in rng.integers(len(episodes), size=n)]
 
 
 def batches_of(episodes: list, size: int, device):
@@ -472,68 +451,42 @@ def batches_of(episodes: list, size: int, device):
         yield collate([episodes[j] for j in order[i:i + size]], device)
 
 
-ANT_CHUNK = 20                  # ant episodes per seeded chunk of work
-
-
-def ant_chunk(job: tuple) -> list:
-    """Worker process: ``n`` successful ant expert episodes from one seed (task uniform per episode)."""
-    import ant_tasks as at
-    seed, n, noise = job
-    env, rng, out = at.AntPinpadEnv(), np.random.default_rng(seed), []
-    for _ in range(20 * n):
-        ep = at.expert_episode(env, rng, at.PRETRAIN_TASKS[int(rng.integers(len(at.PRETRAIN_TASKS)))], noise)
-        if ep["success"]:                            # D holds successful trajectories [P C.1.1]
-            out.append({"obs": ep["obs"].astype(np.float32), "actions": ep["actions"].astype(np.float32),
-                        "subgoals": ep["subgoals"].astype(np.int64)})
-            if len(out) == n:
-                return out
-    raise RuntimeError(f"the ant expert succeeded in only {len(out)} of {20 * n} episodes with --action-noise "
-                       f"{noise}; use a smaller --action-noise (0.03 keeps ~0.84 success, 0.1 ~0.31)")
-
-
 def ant_datasets(args: Args, log) -> dict:
-    """The ant's stored sets D (train, held-out) and D* (train, held-out), cached in ``<out>/data.pt``.
-
-    Episodes come in chunks of ANT_CHUNK, each from its own seed, so the data do not depend on --workers."""
-    import multiprocessing
+    """The ant's stored sets D (train, held-out) and D* (train, held-out), cached in ``<out>/data.pt``, and
+    the expert's success rates (pretraining tasks: the noise-free D* attempts; post-training: --expert-eval)."""
     path, fp = os.path.join(args.out, "data.pt"), fingerprint(args, "data")
-    ss = np.random.SeedSequence(args.seed).spawn(5)
-    sizes = {"train": (args.n_train, args.action_noise), "heldout": (args.n_heldout, args.action_noise),
-             "dstar_train": (args.n_dstar, 0.0), "dstar_heldout": (args.n_dstar, 0.0)}
+    ss = np.random.SeedSequence(args.seed).spawn(6)          # 0-3 the sets, 4 batches and eval seeds, 5 expert_post
     ck = load_ckpt(path, fp, log, "3 data")
     if ck is None:
-        jobs, t0 = [], time.time()
-        for k, (name, (n, noise)) in enumerate(sizes.items()):
-            for j, child in enumerate(ss[k].spawn(-(-n // ANT_CHUNK))):
-                jobs.append((name, (int(child.generate_state(1)[0]), min(ANT_CHUNK, n - ANT_CHUNK * j), noise)))
-        sets = {name: [] for name in sizes}
-        with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-            try:
-                for i, eps in enumerate(pool.imap(ant_chunk, [job for _, job in jobs])):
-                    sets[jobs[i][0]] += eps
-                    if (i + 1) % max(1, len(jobs) // 10) == 0 or i + 1 == len(jobs):
-                        log("3 data", f"ant expert episodes: chunk {i + 1}/{len(jobs)} | {eta(t0, i + 1, len(jobs))}")
-            except RuntimeError as e:
-                sys.exit(f"internal_rl.py: error: {e}")
+        at = env_module("ant")
+        spec = {"train": (args.n_train, args.action_noise, ss[0], False),          # name: (n, noise, seeds, post)
+                "heldout": (args.n_heldout, args.action_noise, ss[1], False),
+                "dstar_train": (args.n_dstar, 0.0, ss[2], False), "dstar_heldout": (args.n_dstar, 0.0, ss[3], False),
+                "expert_post": (args.expert_eval, 0.0, ss[5], True)}          # attempts only: success rate
+        try:
+            sets, wins, tries = at.generate_dataset(spec, args.workers, log=lambda msg: log("3 data", msg))
+        except RuntimeError as e:
+            die(str(e))
+        expert = {"pretrain": (wins["dstar_train"] + wins["dstar_heldout"]) / (tries["dstar_train"] + tries["dstar_heldout"]),
+                  "posttrain": wins["expert_post"] / tries["expert_post"]}
+        del sets["expert_post"]
         # one tensor per field and set (episodes concatenated), so weights_only loading works
-        ck = {"fingerprint": fp, "sets": {name: {
-            "obs": torch.from_numpy(np.concatenate([ep["obs"] for ep in eps])),
-            "actions": torch.from_numpy(np.concatenate([ep["actions"] for ep in eps])),
-            "subgoals": torch.from_numpy(np.concatenate([ep["subgoals"] for ep in eps])),
+        ck = {"fingerprint": fp, "expert": expert, "sets": {name: {
+            **{k: torch.from_numpy(np.concatenate([ep[k] for ep in eps])) for k in ("obs", "actions", "subgoals")},
             "lengths": torch.tensor([len(ep["actions"]) for ep in eps])} for name, eps in sets.items()}}
         save_ckpt(path, ck)
     else:
         log("3 data", f"reusing {path}")
     out = {}
     for name, d in ck["sets"].items():                      # back to a list of episodes (numpy views)
-        eps, o, a = [], 0, 0
-        for n in d["lengths"].tolist():
-            eps.append({"obs": d["obs"][o:o + n + 1].numpy(), "actions": d["actions"][a:a + n].numpy(),
-                        "subgoals": d["subgoals"][a:a + n].numpy()})
-            o, a = o + n + 1, a + n
-        out[name] = eps
+        n = d["lengths"].tolist()
+        parts = zip(d["obs"].split([k + 1 for k in n]), d["actions"].split(n), d["subgoals"].split(n))
+        out[name] = [{"obs": o.numpy(), "actions": a.numpy(), "subgoals": g.numpy()} for o, a, g in parts]
     out["train_rng"] = np.random.default_rng(ss[4].spawn(1)[0])                 # batch sampling
     out["eval_seed"] = int(np.random.default_rng(ss[4]).integers(2 ** 31))      # env seeds for rollouts
+    out["expert"] = ck["expert"]
+    log("3 data", f"the expert (noise-free): success {ck['expert']['pretrain']:.3f} on pretraining tasks (D* attempts), "
+        f"{ck['expert']['posttrain']:.3f} on the post-training task ({args.expert_eval} episodes)")
     return out
 
 
@@ -557,7 +510,6 @@ def make_datasets(args: Args, log=None) -> dict:
 
 # ---------------------------------------------------------------------------------------------------
 # 4. The base model: a causal transformer with an explicit residual stream       [P Sec. 4, App. D.1]
-# ---------------------------------------------------------------------------------------------------
 # The paper's base model is an ordinary autoregressive sequence model: one token per time step (the
 # embedded observation o_t), causal self-attention over the past, and at every step a distribution over
 # the action a_t and over the next observation o_{t+1} (Eq. 5). No action tokens enter the input: in
@@ -573,29 +525,18 @@ def make_datasets(args: Args, log=None) -> dict:
 #   e_{t,l}     | (B, T, D)  | residual after block l; l = 0 is the input embedding
 #   act out     | (B, T, 4)  | logits of p(a_t | o_{1:t}) (the ant: the mean (B, T, 8) of a Gaussian)
 #   obs out     | (B, T, 49) | logits of p(agent cell of o_{t+1} | o_{1:t}) (the ant: a prediction of o_{t+1})
-#
-# Positions: there are no absolute position embeddings. Each attention head adds a learned bias that
-# depends only on how many steps back a key lies (bucketed as in T5; Table A16 uses 32 buckets), so
-# a model pretrained on ~31-step episodes can run the post-training task's ~63-step episodes without
-# meeting an absolute position it never saw. (It still meets *distances* it rarely saw: see below.)
 def relative_buckets(n: int, num_buckets: int, max_distance: int = 128) -> torch.Tensor:
     """T5-style causal bucketing of the distance d = t_query - t_key >= 0 (Table A16: 32 buckets).
 
     Distances below num_buckets/2 get their own bucket, larger ones share log-spaced buckets up to
-    max_distance, and everything beyond shares the last bucket. Attention then depends on *how far back*
-    a step is, never on its absolute time. Caveat, measured on the data: pretraining episodes are 31
-    steps on average (p99 51), so with max_distance = 128 the buckets of distances ~50-100 are almost
-    never trained, and the post-training task's ~63-step episodes do use them. A smaller max_distance
-    (e.g. 32) makes all long distances share one well-trained bucket; untested as a default so far."""
+    max_distance, and everything beyond shares the last bucket. There are no absolute positions: attention
+    depends only on *how far back* a step is, so the post-training task's ~63-step episodes meet no position
+    that ~31-step pretraining episodes lacked (though rarely trained distances: see the README)."""
     d = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).clamp(min=0)    # (n, n) query x key
     exact = num_buckets // 2
     log_b = exact + (torch.log(d.float().clamp(min=1) / exact) / math.log(max_distance / exact)
                      * (num_buckets - exact)).long()
     return torch.where(d < exact, d, log_b.clamp(max=num_buckets - 1))       # (n, n) bucket ids
-
-
-class RelativeBias(nn.Embedding):
-    """A learned attention bias per (distance bucket, head); zero at initialisation (as the paper)."""
 
 
 class CausalSelfAttention(nn.Module):
@@ -604,8 +545,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, D = args.n_head, args.n_embd
         self.c_attn = nn.Linear(D, 3 * D)
         self.c_proj = nn.Linear(D, D)
-        self.rel_bias = RelativeBias(args.rel_buckets, args.n_head)            # one learned bias per bucket and head
-        nn.init.zeros_(self.rel_bias.weight)                                    # start as plain causal attention
+        self.rel_bias = nn.Embedding(args.rel_buckets, args.n_head)            # one learned bias per bucket and head
+        nn.init.zeros_(self.rel_bias.weight)                                    # 0 at first: plain causal attention
 
     def forward(self, x, buckets, cache=None):
         B, T, D = x.shape
@@ -679,18 +620,17 @@ class GPT(nn.Module):
         max_steps = gw.MAX_STEPS if args.task == "grid" else ANT_MAX_STEPS
         self.register_buffer("buckets", relative_buckets(max_steps + 1, args.rel_buckets,
                                                                 args.rel_max_distance), persistent=False)
-        self.apply(self._init)                  # (the relative biases keep their zero init)
+        # GPT-2 init: N(0, 0.02) weights, zero biases; the relative-bias embeddings keep their zeros
+        if args.task == "grid":
+            nn.init.normal_(self.agent_emb.weight, std=0.02)
+            nn.init.normal_(self.obj_emb.weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
         for b in self.blocks:                   # GPT-2: scale residual-branch outputs by depth
             for lin in (b.attn.c_proj, b.mlp[2]):
                 nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * args.n_layer))
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding) and not isinstance(m, RelativeBias):
-            nn.init.normal_(m.weight, std=0.02)
 
     def embed(self, obs):
         """obs (B, T, 13) -> e_{t,0} (B, T, D); the ant: a linear map of obs (B, T, 41).
@@ -764,17 +704,17 @@ class GPT(nn.Module):
     # The same computation as forward(), cut in two at layer l (Alg. 1-2 call them lower_blocks and
     # upper_blocks). The metacontroller reads e_{t,l} = lower(o_{1:t}) and writes e + U e into upper();
     # since a controller at layer l never changes e_{t,l} itself, lower() can run once without gradients.
-    def lower(self, obs, layer: int, cache=None):
+    def lower(self, obs, layer: int):
         """obs (B, T, 13) -> e_{t,layer} (B, T, D): the embedding and blocks 1..layer."""
         x = self.embed(obs)                                                      # e_{t,0}   (B, T, D)
-        for l in range(layer):
-            x = self.blocks[l](x, self.buckets, None if cache is None else cache[l])
+        for block in self.blocks[:layer]:
+            x = block(x, self.buckets)
         return x                                                                 # e_{t,layer} (B, T, D)
 
-    def upper(self, x, layer: int, cache=None):
+    def upper(self, x, layer: int):
         """A (possibly controlled) residual at ``layer`` (B, T, D) -> action logits (B, T, 4): blocks layer+1..L."""
-        for l in range(layer, self.n_layer):
-            x = self.blocks[l](x, self.buckets, None if cache is None else cache[l])
+        for block in self.blocks[layer:]:
+            x = block(x, self.buckets)
         return self.action_head(self.ln_f(x))                                    # (B, T, 4)
 
 
@@ -785,7 +725,6 @@ def masked_ce(logits, target):
 
 # ---------------------------------------------------------------------------------------------------
 # 5. Rollouts: the frozen model (optionally controlled) acting in the env, with a KV cache
-# ---------------------------------------------------------------------------------------------------
 # Every evaluation in the paper rolls the model out in the env: at step t the model sees o_{1:t} (the
 # whole history, exactly as in pretraining), its action head gives p(a_t | o_{1:t}), an action is
 # sampled, and the env returns o_{t+1}. Re-running the whole prefix at every step would cost O(T^2)
@@ -795,20 +734,19 @@ def masked_ce(logits, target):
 @torch.no_grad()
 def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_layer: int = -1,
             greedy: bool = False, pretrain_tasks: bool = False, record: bool = False) -> dict:
-    """Run n episodes in lock-step, one batched forward per env step (KV cache: no recomputed prefix).
+    """n episodes in lock-step, one batched forward per env step; episode i uses env seed ``seed + i`` and,
+    with ``pretrain_tasks``, the pretraining task i mod 16 (every task evaluated equally often).
 
-    ``ctrl_fn(x, g)``, if given, is the controller applied at ``ctrl_layer`` given each episode's current
-    ground-truth subgoal g (B, 1) (section 8). Episode i uses env seed ``seed + i`` and, with
-    ``pretrain_tasks``, the pretraining task i mod 16 (so every task is evaluated equally often).
-    Returns the success rate, the fraction that failed (grid: stepped on a wrong colour; the ant also
-    fails by entering the wall cell, leaving the arena or falling; the rest of the failures are
-    time-outs), the mean number of task colours visited and the mean episode length. With ``record``
-    it also returns the episodes themselves, for RL (section 9): ``obs`` (n, T, 13) the observations
-    o_1..o_T the model saw, ``actions`` (n, T), ``lengths`` (n,) and ``rewards`` (n,) (1 = success)."""
+    ``ctrl_fn(x, g)``: a controller applied at ``ctrl_layer``, given each episode's true subgoal g (n, 1).
+    Returns ``success``, ``wrong_colour`` (the share that failed; on the ant every failure counts: a wrong
+    colour, the wall cell, leaving the arena, falling; other non-successes timed out), ``colours`` (task
+    colours visited) and ``length`` (means). With ``record``, for RL (section 9): ``obs`` (n, T, 13) the
+    inputs o_1..o_T, ``actions`` (n, T), ``lengths`` (n,), ``rewards`` (n,) and ``first_colour``."""
     # One env per episode, stepped in lock-step. We use the env classes directly (not gymnasium's vector
     # envs), so there is no autoreset: a finished episode simply stops being stepped.
     E = env_module(model.task)
-    envs = [E.GridPinpadEnv() if model.task == "grid" else E.AntPinpadEnv() for _ in range(n)]
+    make = E.GridPinpadEnv if model.task == "grid" else E.AntPinpadEnv
+    envs = [make(max_steps=E.MAX_STEPS) for _ in range(n)]          # (the limit is read here: tests shorten it)
     infos, inputs = [], []
     for i, env in enumerate(envs):
         t = E.PRETRAIN_TASKS[i % len(E.PRETRAIN_TASKS)] if pretrain_tasks else task
@@ -847,15 +785,23 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
         out.update(obs=torch.stack(seen, 1), actions=torch.stack(taken, 1),                # (n, T, 13), (n, T)
                    lengths=torch.tensor(steps, device=device),                             # (n,)
                    rewards=torch.tensor([float(env.success) for env in envs], device=device))  # (n,)
-        if model.task == "grid":     # the first colour each episode stepped on (-1: none), for section 11
-            out["first_colour"] = [env.task[0] if env.progress else (int(env.kind[env.agent]) if env.failed else -1)
-                                   for env in envs]
+        # the first colour each episode entered (-1: none), for section 11
+        wrong = ((lambda env: int(env.kind[env.agent]) if env.failed else -1) if model.task == "grid" else
+                 (lambda env: env.colour_cells.index(env.cell) if env.end_reason == "wrong colour" else -1))
+        out["first_colour"] = [env.task[0] if env.progress else wrong(env) for env in envs]
     return out
+
+
+def rollout_pair(model: GPT, n: int, seed: int, device, **kw) -> tuple:
+    """The fixed evaluation of sections 8 and 11: n episodes of the pretraining tasks (env seeds seed + i)
+    and n of the post-training task (env seeds seed + 10**6 + i), with the same rollout() options."""
+    post = env_module(model.task).POSTTRAIN_TASK
+    return (rollout(model, None, n, seed, device, pretrain_tasks=True, **kw),
+            rollout(model, post, n, seed + 10 ** 6, device, **kw))
 
 
 # ---------------------------------------------------------------------------------------------------
 # 6. Stage "pretrain": next-action prediction                                   [P Eq. 5, App. C.1]
-# ---------------------------------------------------------------------------------------------------
 # L(theta) = sum_t [ -ln p(a_t | o_{1:t}) - lambda ln p(o_{t+1} | o_{1:t}) ]                    (Eq. 5)
 #
 # Nothing here mentions subgoals: the data are expert trajectories on the 16 pretraining tasks, with no
@@ -865,11 +811,9 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
 # paper's claim is that this latent "current subgoal" then sits linearly in the mid-depth residual stream
 # (section 7) and can be steered (section 8).
 #
-# On a CPU the question is how fast that happens. Two diagnostics are logged along the way (PAPER.md 13):
-# optimal-action accuracy on steps whose target is fixed by the pair rule vs. steps whose target is still
-# ambiguous (equal values = only local heuristics learned), and a quick probe at layer 0 vs. layer L/2
-# (always compare to layer 0: the agent-centred input already gives layer 0 above-chance accuracy,
-# because the agent is usually near its target).
+# On a CPU the question is how fast that happens, so pretraining logs two diagnostics (PAPER.md 13): the
+# pair-rule accuracies of action_metrics() and a quick probe at layer 0 vs. layer L/2 (always compare to
+# layer 0: the agent-centred input gives it above-chance accuracy, as the agent is usually near its target).
 @torch.no_grad()
 def action_metrics(model: GPT, episodes: list, device) -> dict:
     """Held-out action NLL and accuracy, plus the pair-rule diagnostic of PAPER.md 13.
@@ -910,21 +854,22 @@ def action_metrics(model: GPT, episodes: list, device) -> dict:
 
 
 def lr_factor(step: int, args: Args) -> float:
-    """Linear warm-up, constant (as Table A4), then an optional linear cool-down to 0 at the last step."""
+    """Linear warm-up, constant (as Table A4), then an optional linear cool-down over the last ``cooldown``
+    fraction of the steps; the last step (pretrain_steps - 1) uses 1 / (cooldown * pretrain_steps)."""
     cool = args.cooldown * args.pretrain_steps
     left = (args.pretrain_steps - step) / cool if cool > 0 else 1.0
     return min(1.0, (step + 1) / max(args.warmup, 1), left)
 
 
 def pretrain(args: Args, data: dict, device, log: Logger):
-    """Train the base model from scratch on fresh expert batches. Returns (model, metrics)."""
+    """Train the base model from scratch on expert batches (grid: fresh ones; ant: from D). Returns (model, metrics)."""
     path = os.path.join(args.out, "pretrain.pt")
     fp = fingerprint(args, "pretrain")
     torch.manual_seed(args.seed)
     model = GPT(args).to(device)
     ck = load_ckpt(path, fp, log, "6 pretrain")
     if ck is not None and ck["finished"]:
-        load_weights(model, ck, path)
+        load_weights(model, ck.get("model", {}), path)
         log("6 pretrain", f"reusing {path} (trained {ck['metrics']['steps']} steps in {ck['metrics']['train_time_s']:.0f}s)")
         return model, ck["metrics"]
     # weight decay on every weight except the ant's log std (decay would pull it towards std 1)
@@ -936,7 +881,7 @@ def pretrain(args: Args, data: dict, device, log: Logger):
     # stream restarts at a fresh length bucket, so a resumed run is close to, not bit-identical with, an
     # uninterrupted one.)
     if ck is not None:
-        load_weights(model, ck, path)
+        load_weights(model, ck.get("model", {}), path)
         opt.load_state_dict(ck["optim"])
         rng.bit_generator.state = json.loads(ck["rng"])
         step, spent, curve = ck["step"], ck["spent"], json.loads(ck["curve"])
@@ -944,13 +889,14 @@ def pretrain(args: Args, data: dict, device, log: Logger):
     n_params = sum(p.numel() for p in model.parameters())
     if args.task == "grid":
         log("6 pretrain", f"{n_params / 1e6:.2f}M parameters, {args.pretrain_steps} steps of {args.batch_size} fresh episodes")
-        stream = fresh_batches(rng, args, device)
+        draw = lambda n: generate_episodes(rng, n, gw.PRETRAIN_TASKS, args.epsilon)     # never reused
     else:                   # the ant: batches sampled from the stored set D
         log("6 pretrain", f"{n_params / 1e6:.2f}M parameters, {args.pretrain_steps} steps of {args.batch_size} episodes "
             f"sampled from {len(data['train'])} stored ones")
-        stream = sampled_batches(rng, data["train"], args.batch_size, args.bucket_batches, device)
-    # t0 is shifted by the time already spent (a resumed run) and by evaluation pauses, so the logged
-    # ETA and train_time_s count training only.
+        draw = sample_from(rng, data["train"])
+    stream = bucketed_batches(rng, draw, args.batch_size, args.bucket_batches, device)
+    # t0 is shifted by the time already spent (a resumed run) and by evaluation pauses (as is t_log), so
+    # the ETA, tok/s and train_time_s count training only.
     t0, tokens, t_log = time.time() - spent, 0, time.time()
     while step < args.pretrain_steps:
         b = next(stream)
@@ -982,7 +928,8 @@ def pretrain(args: Args, data: dict, device, log: Logger):
                    f"{m['opt_acc_pair']:.3f}" if args.task == "grid" else f"mean-action squared error {m['mse']:.4f}")
             log("6 pretrain", f"eval step {step} | nll {m['nll']:.3f} | {fit} | probe layer 0 {pr[0]:.3f} -> layer "
                 f"{args.n_layer // 2} {pr[1]:.3f} ({time.time() - te:.0f}s)", **curve[-1])
-            t0 += time.time() - te          # evaluation time does not count as training time
+            pause = time.time() - te        # evaluation time does not count as training time
+            t0, t_log = t0 + pause, t_log + pause
             save_ckpt(path, {"fingerprint": fp, "finished": False, "model": model.state_dict(),
                              "optim": opt.state_dict(), "rng": json.dumps(rng.bit_generator.state), "step": step,
                              "spent": time.time() - t0, "curve": json.dumps(curve)})
@@ -997,7 +944,6 @@ def pretrain(args: Args, data: dict, device, log: Logger):
 
 # ---------------------------------------------------------------------------------------------------
 # 7. Stage "probe": linear probes of the current subgoal                 [P Sec. 5.1, Eq. 6-7, Fig. 3/A1]
-# ---------------------------------------------------------------------------------------------------
 # Is the current subgoal g_t (which colour pair the expert is working on) *linearly* readable from the
 # residual e_{t,l}? For each layer l we fit p(g_t = g | e_{t,l}) = softmax(W_l e_{t,l} + b_l)_g (Eq. 6-7)
 # on the frozen model's residuals of held-out D* episodes and score it on other episodes (split by
@@ -1006,7 +952,7 @@ def pretrain(args: Args, data: dict, device, log: Logger):
 # identity (0..3), not its index within the task (a bug in one public re-implementation).
 @torch.no_grad()
 def residual_features(model: GPT, episodes: list, device) -> tuple:
-    """Residuals of every real step at every layer: ([L+1 x (N, D)], subgoal labels (N,), episode id (N,))."""
+    """Residuals of every real step at every layer and their subgoal labels: ([L+1 x (N, D)], (N,))."""
     model.eval()
     feats, labels = [[] for _ in range(model.n_layer + 1)], []
     for b in batches_of(episodes, 256, device):
@@ -1025,7 +971,7 @@ def train_probe(x_tr, y_tr, x_te, y_te, steps: int, lr: float) -> float:
     # lets one learning rate fit every layer. A linear map of standardised features is still linear in e.
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-5                                  # standardise (train stats)
     x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
-    probe = nn.Linear(x_tr.shape[1], gw.N_SUBGOALS).to(x_tr.device)
+    probe = nn.Linear(x_tr.shape[1], int(max(y_tr.max(), y_te.max())) + 1).to(x_tr.device)  # one output per subgoal id
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
     for _ in range(steps):
         loss = F.cross_entropy(probe(x_tr), y_tr)
@@ -1066,18 +1012,16 @@ def probe_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict
 
 # ---------------------------------------------------------------------------------------------------
 # 8. Stage "controllers": ground-truth residual-stream controllers        [P Eq. 1, Sec. 5.2, Fig. 4, Table A7]
-# ---------------------------------------------------------------------------------------------------
 # Probing says the information is there; control asks whether the model *uses* it. Eq. 1 inserts a
 # linear controller into the residual stream at layer l:
 #
 #     e_{t,l} <- e_{t,l} + U_t e_{t,l}                                                           (Eq. 1)
 #
-# and blocks l+1..L process the edited stream as if nothing happened. LoRA-style, U is low-rank:
-# One linear controller per subgoal g, U^(g) = A_g B_g^T with A_g, B_g in R^{D x r} (rank <= r = 16).
-# During training and evaluation the ground-truth subgoal g_t picks U_t = U^(g_t), and the frozen model
-# runs with e_{t,l} <- e_{t,l} + U_t e_{t,l} at one layer l. If the residual stream encodes the subgoal
-# linearly, such a U can *steer* the model toward it, and switching controllers in the right order
-# should solve subgoal orders never seen in pretraining (the post-training task).
+# and blocks l+1..L process the edited stream as if nothing happened. There is one controller per
+# subgoal g, low-rank as in LoRA: U^(g) = A_g B_g^T with A_g, B_g in R^{D x r} (r = 16; the ant: full
+# rank, Table A8). The ground-truth subgoal g_t picks U_t = U^(g_t) at every step. If the residual stream
+# encodes the subgoal linearly, such a U can *steer* the frozen model toward it, and switching controllers
+# in the right order should solve subgoal orders never seen in pretraining (the post-training task).
 #
 #   Symbol  | Shape        | Meaning
 #   A, B    | (K, D, r)    | factors of the K = 4 controllers (only these train; the base is frozen)
@@ -1165,11 +1109,9 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
     if ck is not None:
         log("8 controllers", f"reusing {path}")
         return ck["metrics"]
-    t0, seed = time.time(), data["eval_seed"]
-    ev = dict(n=args.n_eval, device=device, greedy=args.greedy)
-    base_pre = rollout(model, None, seed=seed, pretrain_tasks=True, **ev)
-    post_task = env_module(args.task).POSTTRAIN_TASK
-    base_post = rollout(model, post_task, seed=seed + 10 ** 6, **ev)
+    t0, post_task = time.time(), env_module(args.task).POSTTRAIN_TASK
+    ev = dict(n=args.n_eval, seed=data["eval_seed"], device=device, greedy=args.greedy)
+    base_pre, base_post = rollout_pair(model, **ev)
     log("8 controllers", f"base model alone: success pretraining tasks {base_pre['success']:.3f}, "
         f"post-training task {base_post['success']:.3f} ({base_post['colours']:.1f} of {len(post_task)} colours)")
     layers = ctrl_layers(args)
@@ -1178,31 +1120,27 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
         ctrl = train_controllers(args, model, layer, data["dstar_train"], device, log)
         nll = controlled_nll(model, ctrl, layer, data["dstar_heldout"][:args.n_probe // 2], device)
         fn = lambda x, g, c=ctrl: c(x, g)
-        pre = rollout(model, None, seed=seed, pretrain_tasks=True, ctrl_fn=fn, ctrl_layer=layer, **ev)
-        post = rollout(model, post_task, seed=seed + 10 ** 6, ctrl_fn=fn, ctrl_layer=layer, **ev)
+        pre, post = rollout_pair(model, ctrl_fn=fn, ctrl_layer=layer, **ev)
         per_layer[layer] = {"nll": nll, "pretrain": pre, "posttrain": post}
         if layer == args.n_layer // 2 and not args.greedy:      # diagnostic: the same controllers, argmax actions
-            ev_g = {**ev, "greedy": True}
-            per_layer[layer]["pretrain_greedy"] = rollout(model, None, seed=seed, pretrain_tasks=True, ctrl_fn=fn,
-                                                          ctrl_layer=layer, **ev_g)["success"]
-            per_layer[layer]["posttrain_greedy"] = rollout(model, post_task, seed=seed + 10 ** 6, ctrl_fn=fn,
-                                                           ctrl_layer=layer, **ev_g)["success"]
+            pre_g, post_g = rollout_pair(model, ctrl_fn=fn, ctrl_layer=layer, **{**ev, "greedy": True})
+            per_layer[layer].update(pretrain_greedy=pre_g["success"], posttrain_greedy=post_g["success"])
             log("8 controllers", f"layer {layer}, argmax actions instead of sampling (diagnostic): pretraining tasks "
-                f"{per_layer[layer]['pretrain_greedy']:.3f} | post-training task {per_layer[layer]['posttrain_greedy']:.3f}")
+                f"{pre_g['success']:.3f} | post-training task {post_g['success']:.3f}")
         states[str(layer)] = ctrl.state_dict()
         log("8 controllers", f"layer {layer}: held-out D* nll {nll:.3f} | success pretraining tasks "
             f"{pre['success']:.3f} (failed {pre['wrong_colour']:.2f}) | post-training task {post['success']:.3f} "
             f"({post['colours']:.1f} of {len(post_task)} colours, failed {post['wrong_colour']:.2f}) "
-            f"| {eta(t0, layers.index(layer) + 1, len(layers))}", layer=layer, **{k: v['success'] for k, v in
-                                                                                  (('pretrain', pre), ('posttrain', post))})
-    L1 = args.n_layer + 1
+            f"| {eta(t0, layers.index(layer) + 1, len(layers))}", layer=layer, pretrain=pre["success"],
+            posttrain=post["success"])
+    by_layer = lambda f: [f(per_layer[l]) if l in per_layer else None for l in range(args.n_layer + 1)]
     metrics = {
         "base_success": base_post["success"], "base_success_pretrain": base_pre["success"],
         "base_nll": controlled_nll(model, None, -1, data["dstar_heldout"][:args.n_probe // 2], device),
-        "controller_success": [per_layer[l]["posttrain"]["success"] if l in per_layer else None for l in range(L1)],
-        "controller_success_pretrain": [per_layer[l]["pretrain"]["success"] if l in per_layer else None for l in range(L1)],
-        "controller_colours": [per_layer[l]["posttrain"]["colours"] if l in per_layer else None for l in range(L1)],
-        "controller_nll": [per_layer[l]["nll"] if l in per_layer else None for l in range(L1)],
+        "controller_success": by_layer(lambda r: r["posttrain"]["success"]),
+        "controller_success_pretrain": by_layer(lambda r: r["pretrain"]["success"]),
+        "controller_colours": by_layer(lambda r: r["posttrain"]["colours"]),
+        "controller_nll": by_layer(lambda r: r["nll"]),
         "controller_rollouts": {str(l): v for l, v in per_layer.items()},
         "base_rollouts": {"pretrain": base_pre, "posttrain": base_post},
         "eval_episodes": args.n_eval, "eval_greedy": args.greedy, "train_time_s": time.time() - t0,
@@ -1213,7 +1151,6 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
 
 # ---------------------------------------------------------------------------------------------------
 # 9. The RL toolkit and token-level RL                                    [P Sec. 8.3-8.4, App. C.5.2]
-# ---------------------------------------------------------------------------------------------------
 # The post-training task (0-1-2-3-4-5-6-7-0-1-2-3) pays a single reward of 1 when all 12 colours are
 # visited in order, else 0. Its subgoal order A-B-C-D-A-B uses only transitions that never occur in
 # pretraining, and its episodes are twice as long. Both RL methods of the paper use the same update
@@ -1262,8 +1199,8 @@ def step_mask(lengths, T: int):
 
 def token_logp(model: GPT, obs, actions):
     """log p(a_t | o_{1:t}) of the taken actions (B, T) under the (trainable) base model."""
-    logits, _, _ = model(obs)                                                      # (B, T, 4)
-    return F.log_softmax(logits, -1).gather(-1, actions[..., None])[..., 0]        # (B, T)
+    act_out, _, _ = model(obs)                                                     # (B, T, 4) or (B, T, 8)
+    return model.action_logp(act_out, actions)                                     # (B, T)
 
 
 def rl_train(args: Args, tag: str, collect, logp_fn, params, lr: float, seed: int, log: Logger) -> dict:
@@ -1303,7 +1240,7 @@ def token_rl(args: Args, model: GPT, seed: int, device, log: Logger):
     policy = copy.deepcopy(model).requires_grad_(True)     # the frozen original stays untouched
 
     def collect(n, s):
-        r = rollout(policy, gw.POSTTRAIN_TASK, n, s, device, record=True)
+        r = rollout(policy, env_module(args.task).POSTTRAIN_TASK, n, s, device, record=True)
         return {"rewards": r["rewards"], "obs": r["obs"], "actions": r["actions"],
                 "mask": step_mask(r["lengths"], r["actions"].shape[1])}
 
@@ -1314,7 +1251,6 @@ def token_rl(args: Args, model: GPT, seed: int, device, log: Logger):
 
 # ---------------------------------------------------------------------------------------------------
 # 10. The metacontroller: discovering subgoals and when to switch      [P Sec. 6, Eq. 2-3, App. D.2, Table A9]
-# ---------------------------------------------------------------------------------------------------
 # Section 8 needed the true subgoal labels. The metacontroller finds controllers *and* their timing
 # without labels, self-supervised on D*, reading the frozen model's residual e_t = e_{t,L/2} and writing
 # a controller back at the same layer:
@@ -1324,18 +1260,14 @@ def token_rl(args: Args, model: GPT, seed: int, device, log: Logger):
 #   mu_t, Sigma_t = f_enc(e_t, h_{t-1}, s);  z~_t ~ N(mu_t, Sigma_t)    proposal for a new code      Eq. 14-15
 #   beta_t = f_switch(e_t, h_{t-1}, z_{t-1}) in [0, 1]     causal switching unit (no s: usable at test time) Eq. 16
 #   z_t   = beta_t z~_t + (1 - beta_t) z_{t-1}      temporal integration                             Eq. 2
-#   U_t   = f_hyp(z_t) = A(z_t) B(z_t)^T            hypernetwork decoder, rank r = 16                Eq. 18
+#   U_t   = f_hyp(z_t) = A(z_t) B(z_t)^T            hypernetwork decoder, rank r (16; ant: D)        Eq. 18
 #   e_t  <- e_t + U_t e_t                           then the frozen upper blocks predict a_t        Eq. 11
 #
 # Loss (Eq. 3 with lambda = 0): sum_t [ -ln p(a_t | o_{1:t}, z_{1:t}) + alpha KL(N(mu_t, Sigma_t) || N(0, I)) ].
 # The KL is charged at *every* step, not weighted by beta (App. E.1 shows the relaxed per-step KL is this
-# whatever beta is; weighting by beta is a bug one re-implementation shipped). Why switching then comes
-# out sparse: when beta_t ~ 0 the proposal z~_t is unused, so the encoder can put it at the prior for
-# free; every bit about the future that the decoder gets costs KL only at the steps where beta lets it in.
-# One code per subgoal, sent at its start, buys the NLL the subgoal is worth for a few nats per segment.
-# Whether that beats the alternatives (sending nothing; sending the expert's coin flips between equally
-# short paths, which a non-causal encoder also sees) depends on alpha and on how much the subgoal is worth
-# to the base model: a rate-distortion trade-off (Fig. 7). The README measures it on our base models.
+# whatever beta is; weighting by beta is a bug one re-implementation shipped). Switching comes out sparse
+# because a proposal that beta ignores can sit at the prior for free: one code per subgoal, sent at its start,
+# buys the subgoal's NLL for a few nats, a rate-distortion trade-off set by alpha (Fig. 7; README).
 #
 #   Symbol     | Shape          | Meaning
 #   e          | (B, T, D)      | e_{t,L/2} of the frozen model on D* episodes (no controller below L/2)
@@ -1356,7 +1288,7 @@ def gaussian_kl(mu, logvar):
 class MetaController(nn.Module):
     def __init__(self, args: Args):
         super().__init__()
-        D, Z, H, E, r = args.n_embd, args.n_z, args.mc_hidden, args.mc_enc_hidden, args.ctrl_rank
+        D, Z, H, E, r = args.n_embd, args.n_z, args.mc_hidden, args.mc_enc_hidden, args.ctrl_rank or args.n_embd
         self.D, self.r, self.gumbel = D, r, args.mc_gumbel
         # internal sequence embedder (Eq. 13): a bidirectional GRU over the whole sequence, its outputs
         # averaged over the real steps (our choice of pooling; the paper does not say), then linear.
@@ -1381,11 +1313,10 @@ class MetaController(nn.Module):
         return out[..., 0, :, :], out[..., 1, :, :]
 
     def apply(self, z, e):
-        """U(z_t) e_t at every step, the same numbers as apply_controller(e, *self.factors(z)) (a test checks).
+        """U(z_t) e_t at every step: apply_controller(e, *self.factors(z)) without forming a (B, T, 2 D r) tensor.
 
-        Forming A(z_t), Bm(z_t) for every step costs a (B, T, 2 D r) tensor and many tiny matmuls; but the
-        decoder's last layer is linear in its hidden layer h = relu(W1 z + b1), A[d,i] = sum_j Wa[d,i,j] h_j
-        + ba[d,i] (and the same for Bm), so Bm^T e and A (Bm^T e) are two ordinary matmuls (~10x faster)."""
+        A and Bm are linear in the decoder's hidden layer h (A[d,i] = sum_j Wa[d,i,j] h_j + ba[d,i]), so Bm^T e
+        and A (Bm^T e) become ordinary matmuls: the same numbers (a test checks), several times faster."""
         D, r = self.D, self.r
         h = self.decoder[1](self.decoder[0](z))                                          # (B, T, H)
         W, b = self.decoder[2].weight, self.decoder[2].bias                              # (2 D r, H), (2 D r,)
@@ -1445,10 +1376,10 @@ def mc_loss(model: GPT, mc: MetaController, b: dict, layer: int, alpha: float, f
     """Eq. 3 with lambda = 0 on a D* batch: action NLL through the frozen model + alpha * mean per-step KL."""
     with torch.no_grad():
         e = model.lower(b["obs"], layer)                     # (B, T, D) the controller never changes e_{t,l}
-    lengths = (b["actions"] >= 0).sum(1)                                                 # (B,)
+    lengths = b["mask"].sum(1)                                                           # (B,)
     z, kl, beta = mc(e, lengths, forced)
-    logits = model.upper(e + mc.apply(z, e), layer)                                      # ALGO LOGIC: Eq. 11, (B, T, 4)
-    nll = masked_ce(logits, b["actions"])
+    act_out = model.upper(e + mc.apply(z, e), layer)                                     # ALGO LOGIC: Eq. 11, (B, T, 4)
+    nll = model.action_nll(act_out, b["actions"], b["mask"])
     mask = step_mask(lengths, e.shape[1])                                                # (B, T)
     kl_mean = (kl * mask).sum() / mask.sum()
     return nll + alpha * kl_mean, nll, kl_mean, beta, mask                              # ALGO LOGIC: Eq. 3
@@ -1457,10 +1388,11 @@ def mc_loss(model: GPT, mc: MetaController, b: dict, layer: int, alpha: float, f
 def boundary_f1(beta, subgoals, lengths, tol: int = 1) -> dict:
     """Switches (beta >= 0.5) against ground-truth subgoal changes, per episode, matched within +-tol steps.
 
-    The first step never counts (every episode starts with a code). A predicted switch matches at most one
-    true boundary and vice versa (greedy, in time order). Returns precision, recall, F1, switch rate."""
+    beta, subgoals: (B, T) tensors or per-episode lists; lengths (B,). The first step never counts (every
+    episode starts with a code). A predicted switch matches at most one true boundary and vice versa
+    (greedy, in time order). Returns precision, recall, F1, switch rate."""
     tp = n_pred = n_true = n_steps = 0
-    for bt, g, n in zip(beta.tolist(), subgoals.tolist(), lengths.tolist()):
+    for bt, g, n in zip(*(x.tolist() if torch.is_tensor(x) else x for x in (beta, subgoals, lengths))):
         pred = [t for t in range(1, n) if bt[t] >= 0.5]
         true = [t for t in range(1, n) if g[t] != g[t - 1]]
         used = set()
@@ -1478,26 +1410,22 @@ def boundary_f1(beta, subgoals, lengths, tol: int = 1) -> dict:
 @torch.no_grad()
 def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int, device) -> dict:
     """Held-out switch statistics (posterior means, no sampling), plus NLL, KL and a beta histogram."""
-    betas, subgoals, lens, nll, kl, n = [], [], [], 0.0, 0.0, 0
+    betas, subgoals, nll, kl, n = [], [], 0.0, 0.0, 0                  # per episode, real steps only
     for b in batches_of(episodes, 256, device):
         e = model.lower(b["obs"], layer)
-        lengths = (b["actions"] >= 0).sum(1)
+        m = b["mask"]
+        lengths = m.sum(1)
         z, k, beta = mc(e, lengths, sample=False)
-        logits = model.upper(e + mc.apply(z, e), layer)
-        m = b["actions"] >= 0
-        nll += F.cross_entropy(logits[m], b["actions"][m], reduction="sum").item()
+        nll -= model.action_logp(model.upper(e + mc.apply(z, e), layer), b["actions"])[m].sum().item()
         kl += k[m].sum().item()
         n += int(m.sum())
-        betas += beta.tolist()
-        subgoals += b["subgoals"].tolist()
-        lens += lengths.tolist()
-    T = max(len(x) for x in betas)
-    pad = lambda rows, v: torch.tensor([r + [v] * (T - len(r)) for r in rows])
-    beta, g, L = pad(betas, 0.0), pad(subgoals, -1), torch.tensor(lens)
-    out = boundary_f1(beta, g, L)
-    real = step_mask(L, T).bool() & (torch.arange(T)[None] > 0)
-    out.update(nll=nll / n, kl=kl / n, beta_hist=torch.histc(beta[real], bins=10, min=0, max=1).int().tolist(),
-               examples=[{"beta": [round(x, 3) for x in betas[i][:lens[i]]], "subgoals": subgoals[i][:lens[i]]}
+        for bt, g, T in zip(beta.tolist(), b["subgoals"].tolist(), lengths.tolist()):
+            betas.append(bt[:T])
+            subgoals.append(g[:T])
+    out = boundary_f1(betas, subgoals, [len(bt) for bt in betas])
+    later = torch.tensor([x for bt in betas for x in bt[1:]])               # beta_2..beta_T (beta_1 = 1 always)
+    out.update(nll=nll / n, kl=kl / n, beta_hist=torch.histc(later, bins=10, min=0, max=1).int().tolist(),
+               examples=[{"beta": [round(x, 3) for x in betas[i]], "subgoals": subgoals[i]}
                          for i in range(0, len(betas), max(1, len(betas) // 6))][:6])   # for the Fig. 6/A3 plot
     return out
 
@@ -1508,7 +1436,7 @@ def train_metacontroller(args: Args, model: GPT, data: dict, device, log: Logger
     mc = MetaController(args).to(device)
     opt = torch.optim.AdamW(mc.parameters(), lr=args.mc_lr, weight_decay=args.weight_decay)
     rng, mid, t0 = np.random.default_rng(args.seed + (300 if forced else 200)), args.n_layer // 2, time.time()
-    stream = sampled_batches(rng, data["dstar_train"], args.mc_batch, args.bucket_batches, device)
+    stream = bucketed_batches(rng, sample_from(rng, data["dstar_train"]), args.mc_batch, args.bucket_batches, device)
     for step in range(1, args.mc_steps + 1):
         b = next(stream)
         # KL warm-up: with the full alpha from step 1 the encoder learns to send nothing (KL -> 0, a collapsed
@@ -1534,7 +1462,7 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
     ck = load_ckpt(path, fp, log, "10 metacontroller")
     if ck is not None:
         for k, m in mcs.items():
-            load_weights(m, {"model": ck[k]}, path)
+            load_weights(m, ck.get(k, {}), path)
         log("10 metacontroller", f"reusing {path}")
         return mcs, ck["metrics"]
     t0, mid = time.time(), args.n_layer // 2
@@ -1558,7 +1486,6 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
 
 # ---------------------------------------------------------------------------------------------------
 # 11. Internal RL: RL in the metacontroller's code space                 [P Sec. 8.1-8.2, Alg. 1-3, App. D.3]
-# ---------------------------------------------------------------------------------------------------
 # Internal RL is section 9's loop with a different agent. The non-causal encoder (it saw the future) is
 # dropped; a causal policy pi(z | e at the decisions so far) takes its place. Everything else is frozen and
 # becomes part of the environment (Alg. 1-2): the base model, the history GRU, the switching unit and
@@ -1650,23 +1577,22 @@ class InternalAgent:
 @torch.no_grad()
 def prior_code_diagnostic(model: GPT, mc: MetaController, layer: int, seed: int, device, n_codes: int = 16,
                           n_eps: int = 32) -> dict:
-    """What do codes drawn from the prior do? This is what the untrained internal-RL policy explores with.
+    """What do codes from the prior N(0, I), which the untrained internal-RL policy explores with, do?
 
-    Each of ``n_codes`` codes z ~ N(0, I) is held fixed (U = f_hyp(z) throughout) for ``n_eps`` post-training
-    episodes on different layouts; we record the first colour each episode steps on. A code that means
-    "go to pair k" sends most of its episodes to a colour of pair k: its *consistency* (the share of its
-    episodes that go to its most common pair) is high, and different codes should cover different pairs.
-    The uncontrolled base model on the same layouts is the reference."""
+    Each of ``n_codes`` codes is held fixed for ``n_eps`` post-training episodes. A code that means "go to
+    subgoal k" sends most of its episodes' first colour to k: high *consistency* (the share going to its
+    most common subgoal), and different codes cover different subgoals. Reference: the base model alone."""
+    E = env_module(model.task)
     z = torch.randn(n_codes, mc.decoder[0].in_features, generator=torch.Generator().manual_seed(seed)).to(device)
     z = z.repeat_interleave(n_eps, 0)[:, None]                                          # (n_codes * n_eps, 1, Z)
-    r = rollout(model, gw.POSTTRAIN_TASK, n_codes * n_eps, seed, device, ctrl_fn=lambda x, g: mc.apply(z, x),
+    r = rollout(model, E.POSTTRAIN_TASK, n_codes * n_eps, seed, device, ctrl_fn=lambda x, g: mc.apply(z, x),
                 ctrl_layer=layer, record=True)
-    base = rollout(model, gw.POSTTRAIN_TASK, n_codes * n_eps, seed, device, record=True)
+    base = rollout(model, E.POSTTRAIN_TASK, n_codes * n_eps, seed, device, record=True)
     def pairs(first, n):                        # per code: share going to its most common pair, and that pair
         out = []
         for c in range(len(first) // n):
-            p = [f // 2 for f in first[c * n:(c + 1) * n] if f >= 0]
-            top = max(range(gw.N_SUBGOALS), key=p.count) if p else -1
+            p = [E.subgoal_of(f) for f in first[c * n:(c + 1) * n] if f >= 0]
+            top = max(range(E.N_SUBGOALS), key=p.count) if p else -1
             out.append((p.count(top) / n if p else 0.0, top))
         return out
     codes, ref = pairs(r["first_colour"], n_eps), pairs(base["first_colour"], n_eps)
@@ -1680,14 +1606,15 @@ def subgoal_codes(model: GPT, mc: MetaController, episodes: list, layer: int, de
 
     Analysis only (it uses the labels): switching these codes by the true subgoal asks whether the
     learned code space can express the post-training task at all, as section 8 asked of the base model."""
-    sums = torch.zeros(gw.N_SUBGOALS, mc.decoder[0].in_features, device=device)         # (K, Z)
-    counts = torch.zeros(gw.N_SUBGOALS, device=device)
+    K = env_module(model.task).N_SUBGOALS
+    sums = torch.zeros(K, mc.decoder[0].in_features, device=device)                    # (K, Z)
+    counts = torch.zeros(K, device=device)
     for b in batches_of(episodes, 256, device):
         e = model.lower(b["obs"], layer)
-        z, _, _ = mc(e, (b["actions"] >= 0).sum(1), sample=False)                       # (B, T, Z)
-        m = b["subgoals"] >= 0
+        z, _, _ = mc(e, b["mask"].sum(1), sample=False)                                 # (B, T, Z)
+        m = b["mask"]
         sums.index_add_(0, b["subgoals"][m], z[m])
-        counts += torch.bincount(b["subgoals"][m], minlength=gw.N_SUBGOALS).float()
+        counts += torch.bincount(b["subgoals"][m], minlength=K).float()
     return sums / counts.clamp(min=1)[:, None]                                           # (K, Z)
 
 
@@ -1700,9 +1627,9 @@ def internal_rl(args: Args, model: GPT, mc: MetaController, seed: int, device, l
 
     def collect(n, s):
         agent = InternalAgent(mc, policy, n, s + 1, forced)
-        r = rollout(model, gw.POSTTRAIN_TASK, n, s, device, ctrl_fn=agent, ctrl_layer=mid, record=True)
+        r = rollout(model, env_module(args.task).POSTTRAIN_TASK, n, s, device, ctrl_fn=agent, ctrl_layer=mid, record=True)
         e_dec, z_dec, mask = agent.decisions(r["lengths"])                              # ALGO LOGIC: act = z at switches
-        return {"rewards": r["rewards"], "e": e_dec, "z": z_dec, "mask": mask, "n_decisions": float(mask.sum(1).mean())}
+        return {"rewards": r["rewards"], "e": e_dec, "z": z_dec, "mask": mask}
 
     logp_fn = lambda b: policy.log_prob(b["e"], b["z"])                                  # ALGO LOGIC: log pi(z | e)
     m = rl_train(args, f"11 {name}", collect, logp_fn, list(policy.parameters()), args.irl_lr, seed, log)
@@ -1711,11 +1638,12 @@ def internal_rl(args: Args, model: GPT, mc: MetaController, seed: int, device, l
 
 def rl_stage(args: Args, model: GPT, mcs: dict, data: dict, device, log: Logger) -> dict:
     """Token-level RL, internal RL and the forced-switching ablation, same episode budget, same final test."""
-    fp = fingerprint(args, "rl")
+    fp, post = fingerprint(args, "rl"), env_module(args.task).POSTTRAIN_TASK
     train_seed, test_seed = data["eval_seed"] + 3 * 10 ** 6, data["eval_seed"] + 2 * 10 ** 6   # disjoint env seeds
     results, mid = {}, args.n_layer // 2
     # Before any RL: what do codes from the prior do? (the untrained internal-RL policy samples exactly these)
-    pc = prior_code_diagnostic(model, mcs["mc"], mid, data["eval_seed"] + 4 * 10 ** 6, device)
+    pc = prior_code_diagnostic(model, mcs["mc"], mid, data["eval_seed"] + 4 * 10 ** 6, device,
+                               n_eps=min(32, max(2, args.rl_eval // 25)))     # grid 32 episodes per code, ant 8
     log("11 internal_rl", f"prior codes held fixed for whole episodes: {pc['distinct_pairs']} of 4 subgoals are some "
         f"code's most common first pair; consistency {pc['consistency']:.2f} (share of a code's episodes going to "
         f"its most common pair; uncontrolled base model on the same layouts {pc['base_consistency']:.2f})", **pc)
@@ -1724,9 +1652,8 @@ def rl_stage(args: Args, model: GPT, mcs: dict, data: dict, device, log: Logger)
     # for each true subgoal, switched by the true subgoal (a diagnostic that uses labels, like section 8).
     codes = subgoal_codes(model, mcs["mc"], data["dstar_heldout"][:args.n_probe // 2], mid, device)
     fn = lambda x, g: mcs["mc"].apply(codes[g], x)                                       # g (n, 1) -> z (n, 1, Z)
-    ev = dict(n=args.n_eval, device=device, ctrl_fn=fn, ctrl_layer=mid)
-    oc = {"pretrain": rollout(model, None, seed=data["eval_seed"], pretrain_tasks=True, **ev)["success"],
-          "posttrain": rollout(model, gw.POSTTRAIN_TASK, seed=data["eval_seed"] + 10 ** 6, **ev)["success"]}
+    r_pre, r_post = rollout_pair(model, args.n_eval, data["eval_seed"], device, ctrl_fn=fn, ctrl_layer=mid)
+    oc = {"pretrain": r_pre["success"], "posttrain": r_post["success"]}
     log("11 internal_rl", f"the metacontroller's mean code per true subgoal, switched by the true subgoal: success "
         f"pretraining tasks {oc['pretrain']:.3f} | post-training task {oc['posttrain']:.3f} (ground-truth controllers, "
         f"section 8: see above)", **oc)
@@ -1742,19 +1669,21 @@ def rl_stage(args: Args, model: GPT, mcs: dict, data: dict, device, log: Logger)
         t0 = time.time()
         if name == "token_rl":
             policy, m = token_rl(args, model, train_seed, device, log)
-            test = rollout(policy, gw.POSTTRAIN_TASK, args.rl_eval, test_seed, device)
+            test = rollout(policy, post, args.rl_eval, test_seed, device)
         else:
             forced = name.endswith("no_temporal")
             mc = mcs["mc_forced" if forced else "mc"]
             policy, collect, m = internal_rl(args, model, mc, train_seed, device, log, forced, name)
             agent = InternalAgent(mc, policy, args.rl_eval, test_seed + 1, forced)
-            test = rollout(model, gw.POSTTRAIN_TASK, args.rl_eval, test_seed, device, ctrl_fn=agent, ctrl_layer=mid,
+            test = rollout(model, post, args.rl_eval, test_seed, device, ctrl_fn=agent, ctrl_layer=mid,
                            record=True)
             m["decisions_per_episode"] = float(agent.decisions(test["lengths"])[2].sum(1).mean())
         m.update(success=test["success"], colours=test["colours"], wrong_colour=test["wrong_colour"],
                  train_time_s=time.time() - t0)
+        if "expert" in data:             # the ant: relative to the expert, as the paper's Fig. 8 does
+            m["success_normalised"] = test["success"] / max(data["expert"]["posttrain"], 1e-9)
         log(tag, f"final test on {args.rl_eval} post-training episodes (unseen env seeds): success "
-            f"{test['success']:.3f} | {test['colours']:.1f} of 12 colours | trained on {m['episodes']} episodes "
+            f"{test['success']:.3f} | {test['colours']:.1f} of {len(post)} colours | trained on {m['episodes']} episodes "
             f"in {m['train_time_s']:.0f}s", success=test["success"])
         results[name] = m
         save_ckpt(path, {"fingerprint": fp, "metrics": m})
@@ -1763,10 +1692,9 @@ def rl_stage(args: Args, model: GPT, mcs: dict, data: dict, device, log: Logger)
 
 # ---------------------------------------------------------------------------------------------------
 # 12. Figures
-# ---------------------------------------------------------------------------------------------------
 def make_figures(args: Args, results: dict) -> list:
-    """PNG figures in the run folder: the env, pretraining diagnostics, probe accuracy by layer (Fig. A1), controller
-    success by layer (Fig. 4)."""
+    """PNG figures in the run folder: the env, pretraining diagnostics, probe accuracy by layer (Fig. A1),
+    controller success by layer (Fig. 4), switching-gate traces (Fig. 6/A3) and RL curves (Fig. 8/A5)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1778,10 +1706,9 @@ def make_figures(args: Args, results: dict) -> list:
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
 
-    # the env (Fig. 2 style): one pretraining-task layout, rendered by the env's own rgb_array mode
     E = env_module(args.task)
-    try:
-        env = E.GridPinpadEnv(render_mode="rgb_array") if args.task == "grid" else E.AntPinpadEnv(render_mode="rgb_array")
+    try:                # the env (Fig. 2 style): one pretraining-task layout, rendered by the env's rgb_array mode
+        env = (E.GridPinpadEnv if args.task == "grid" else E.AntPinpadEnv)(render_mode="rgb_array")
         env.reset(seed=args.seed, options={"task": E.PRETRAIN_TASKS[0]})
         img = env.render()
     except Exception as e:  # noqa: BLE001 -- MuJoCo needs an OpenGL backend; the other figures do not
@@ -1797,21 +1724,17 @@ def make_figures(args: Args, results: dict) -> list:
         ax.title.set_fontsize(8)
         save(fig, "env.png")
     curve = results.get("pretrain", {}).get("curve", [])
-    if curve and args.task == "ant":             # the ant: held-out NLL, action error and probe gap
+    if curve:                                    # the pretraining diagnostics against training minutes
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
         mins = [c["minutes"] for c in curve]
-        ax.plot(mins, [c["mse"] for c in curve], "o-", label="mean-action squared error")
+        lines = ([("mse", "mean-action squared error")] if args.task == "ant" else
+                 [("opt_acc_pair", "optimal-action acc, pair-determined"), ("opt_acc_ambiguous", "optimal-action acc, ambiguous")])
+        for key, label in lines:
+            ax.plot(mins, [c[key] for c in curve], "o-", label=label)
         ax.plot(mins, [c["probe_mid"] - c["probe_l0"] for c in curve], "s-", label="probe gap, layer L/2 - layer 0")
         ax.set(xlabel="pretraining minutes", title="Pretraining diagnostics (held-out)")
-        ax.legend(frameon=False, fontsize=7)
-        save(fig, "pretrain_curve.png")
-    elif curve:                                  # the pretraining diagnostics against training minutes
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        mins = [c["minutes"] for c in curve]
-        ax.plot(mins, [c["opt_acc_pair"] for c in curve], "o-", label="optimal-action acc, pair-determined")
-        ax.plot(mins, [c["opt_acc_ambiguous"] for c in curve], "o-", label="optimal-action acc, ambiguous")
-        ax.plot(mins, [c["probe_mid"] - c["probe_l0"] for c in curve], "s-", label="probe gap, layer L/2 - layer 0")
-        ax.set(xlabel="pretraining minutes", ylim=(0, 1), title="Pretraining diagnostics (held-out)")
+        if args.task == "grid":
+            ax.set_ylim(0, 1)
         ax.legend(frameon=False, fontsize=7)
         save(fig, "pretrain_curve.png")
     if "probe_accuracy" in results:
@@ -1870,14 +1793,14 @@ def make_figures(args: Args, results: dict) -> list:
 
 # ---------------------------------------------------------------------------------------------------
 # 13. main(): the stages in order
-# ---------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    seed_everything(args.seed)
+    np.random.seed(args.seed)                    # seed once; each stage also seeds its own generators
+    torch.manual_seed(args.seed)
     log = Logger(args.out)
     log("1 args", " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
     t_start, stage_time = time.time(), {}
@@ -1888,6 +1811,15 @@ def main(argv=None) -> dict:
         results["stage_time_s"] = stage_time
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
+
+    def merge(metrics: dict) -> None:            # a stage's metrics, flat (stage times are in stage_time_s)
+        results.update({k: v for k, v in metrics.items() if k != "train_time_s"})
+
+    def done(stage: str, t: float) -> bool:
+        """Record the stage's time and save results.json; True if --stop-after ends the run here."""
+        stage_time[stage] = time.time() - t
+        write_results()
+        return args.stop_after == stage
 
     def finish():
         figs = make_figures(args, results)
@@ -1900,54 +1832,45 @@ def main(argv=None) -> dict:
         try:
             env_module("ant").AntPinpadEnv().close()
         except Exception as e:  # noqa: BLE001
-            sys.exit(f"internal_rl.py: error: --task ant needs MuJoCo ({type(e).__name__}: {str(e)[:120]}); "
-                     f"pip install -r requirements.txt (gymnasium[mujoco], mujoco)")
+            die(f"--task ant needs MuJoCo ({type(e).__name__}: {str(e)[:120]}); pip install -r requirements.txt "
+                f"(gymnasium[mujoco], mujoco)")
     t = time.time()
     data = make_datasets(args, log)
     stage_time["data"] = time.time() - t
     log("3 data", f"held-out D {len(data['heldout'])} episodes, D* {len(data['dstar_train'])} train + "
         f"{len(data['dstar_heldout'])} held-out ({stage_time['data']:.1f}s)")
+    if "expert" in data:                         # the ant: RL success is also reported relative to the expert's
+        results.update(expert_success_pretrain=data["expert"]["pretrain"], expert_success_posttrain=data["expert"]["posttrain"])
 
     t = time.time()
-    model, m = pretrain(args, data, device, log)
-    stage_time["pretrain"] = time.time() - t
-    results["pretrain"] = m
-    for p in model.parameters():               # frozen from here on
-        p.requires_grad_(False)
-    model.eval()
-    write_results()
-    if args.stop_after == "pretrain":
+    model, results["pretrain"] = pretrain(args, data, device, log)
+    model.requires_grad_(False).eval()           # frozen from here on
+    if done("pretrain", t):
         return finish()
 
     t = time.time()
-    results.update({k: v for k, v in probe_stage(args, model, data, device, log).items() if k != "train_time_s"})
-    stage_time["probe"] = time.time() - t
-    write_results()
-    if args.stop_after == "probe":
+    merge(probe_stage(args, model, data, device, log))
+    if done("probe", t):
         return finish()
 
     t = time.time()
-    results.update({k: v for k, v in controller_stage(args, model, data, device, log).items() if k != "train_time_s"})
-    stage_time["controllers"] = time.time() - t
-    write_results()
-    mid = args.n_layer // 2
+    merge(controller_stage(args, model, data, device, log))
+    stop, mid = done("controllers", t), args.n_layer // 2
     log("13 main", f"probe layer 0 {results['probe_accuracy'][0]:.3f} -> layer {mid} {results['probe_accuracy'][mid]:.3f} "
         f"| controllers at layer {mid}: pretraining tasks {results['controller_success_pretrain'][mid]} / post-training "
         f"{results['controller_success'][mid]} | base alone {results['base_success_pretrain']:.3f} / {results['base_success']:.3f}")
-    if args.stop_after == "controllers":
+    if stop:
         return finish()
 
     t = time.time()
     mcs, m = metacontroller_stage(args, model, data, device, log)
-    results.update({k: v for k, v in m.items() if k != "train_time_s"})
-    stage_time["metacontroller"] = time.time() - t
-    write_results()
-    if args.stop_after == "metacontroller":
+    merge(m)
+    if done("metacontroller", t):
         return finish()
 
     t = time.time()
-    results.update(rl_stage(args, model, mcs, data, device, log))
-    stage_time["rl"] = time.time() - t
+    merge(rl_stage(args, model, mcs, data, device, log))
+    done("rl", t)
     log("13 main", f"switch F1 {results['switch_f1']:.3f} | post-training success after {args.rl_episodes} episodes: "
         f"token-level RL {results['token_rl']['success']:.3f}, internal RL {results['internal_rl']['success']:.3f}, "
         f"internal RL without temporal abstraction {results['internal_rl_no_temporal']['success']:.3f}")

@@ -440,7 +440,6 @@ def test_corrupt_checkpoint_is_reported_with_the_fix(tmp_path):
     (["--seed", "-1"], "non-negative"),
     (["--cooldown", "2"], "[0, 1]"),
     (["--device", "tpu"], "valid choices: auto, cpu"),
-    (["--task", "ant", "--stop-after", "rl"], "up to --stop-after controllers"),
     (["--task", "ant", "--n-train", "0"], "--n-train must be positive"),
     (["--n-train", "5"], "--n-train is for the ant"),
     (["--task", "ant", "--stop-after", "nope"], "valid choices: pretrain"),
@@ -463,7 +462,8 @@ def test_bad_task_from_the_command_line_has_no_traceback():
 ANT_TINY = ["--task", "ant", "--n-embd", "32", "--n-layer", "2", "--n-head", "2", "--n-train", "6", "--n-heldout", "2",
             "--n-dstar", "4", "--batch-size", "4", "--bucket-batches", "1", "--warmup", "2", "--log-every", "1000",
             "--eval-every", "1000", "--quick-probe-episodes", "2", "--n-probe", "4", "--probe-steps", "10",
-            "--ctrl-steps", "3", "--ctrl-batch", "2", "--n-eval", "2", "--workers", "1"]
+            "--ctrl-steps", "3", "--ctrl-batch", "2", "--n-eval", "2", "--workers", "1", "--expert-eval", "2",
+            "--mc-steps", "2", "--mc-batch", "2", "--rl-episodes", "4", "--rl-batch", "2", "--rl-eval", "2"]
 
 
 def test_ant_constants_agree_with_the_env():
@@ -499,14 +499,15 @@ def test_grid_action_nll_is_the_cross_entropy(model_and_batch):
 
 
 def test_ant_data_do_not_depend_on_the_number_of_workers(tmp_path, monkeypatch, ant_env):
-    monkeypatch.setattr(ir, "ANT_CHUNK", 2)                       # several chunks per set, cheaply
+    monkeypatch.setattr(at, "DATA_CHUNK", 2)                      # several chunks per set, cheaply
     sets = []
     for w in (1, 2, 2):                                           # the second w = 2 reloads data.pt
         args = ir.parse_args(ANT_TINY + ["--n-train", "5", "--workers", str(w), "--out", str(tmp_path / f"w{min(w, 2)}")])
         sets.append(ir.make_datasets(args, ir.Logger(args.out)))
     # the first chunk of D, generated directly, is what the sets hold
-    seed = int(np.random.SeedSequence(0).spawn(5)[0].spawn(3)[0].generate_state(1)[0])
-    direct = ir.ant_chunk((seed, 2, 0.03))
+    seed = int(np.random.SeedSequence(0).spawn(6)[0].spawn(3)[0].generate_state(1)[0])
+    direct, tries, wins = at.expert_chunk((seed, 2, 0.03, False))
+    assert wins == 2 <= tries
     for name, n in (("train", 5), ("heldout", 2), ("dstar_train", 4), ("dstar_heldout", 4)):
         assert len(sets[0][name]) == len(sets[1][name]) == len(sets[2][name]) == n
         for a, b, c in zip(*(s[name] for s in sets)):
@@ -515,18 +516,24 @@ def test_ant_data_do_not_depend_on_the_number_of_workers(tmp_path, monkeypatch, 
                 assert np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k])
     for ep, ref in zip(sets[0]["train"][:2], direct):
         assert all(np.array_equal(ep[k], ref[k]) for k in ("obs", "actions", "subgoals"))
-    assert sets[0]["eval_seed"] == sets[1]["eval_seed"]
+    assert sets[0]["eval_seed"] == sets[1]["eval_seed"] and sets[0]["expert"] == sets[1]["expert"]
+    assert 0 < sets[0]["expert"]["pretrain"] <= 1 and 0 <= sets[0]["expert"]["posttrain"] <= 1
 
 
-def test_ant_tiny_run_through_controllers_and_reuse(tmp_path, capsys, ant_env):
+def test_ant_tiny_run_of_every_stage_and_reuse(tmp_path, capsys, monkeypatch, ant_env):
+    monkeypatch.setattr(ir.env_module("ant"), "MAX_STEPS", 40)   # short rollouts: an untrained ant rarely ends early
     out = str(tmp_path / "ant")
     r = ir.main(ANT_TINY + ["--pretrain-steps", "3", "--out", out])
     assert r["task"] == "ant" and len(r["probe_accuracy"]) == 3 and r["controller_success"][1] is not None
     assert "heldout_mse" in r["pretrain"] and os.path.exists(os.path.join(out, "data.pt"))
+    assert 0 <= r["expert_success_posttrain"] <= 1 and 0 < r["expert_success_pretrain"] <= 1
+    assert 0 <= r["switch_f1"] <= 1 and r["internal_rl"]["episodes"] == r["token_rl"]["episodes"] == 4
+    for name in ("token_rl", "internal_rl", "internal_rl_no_temporal"):   # normalised by the expert (Fig. 8)
+        assert r[name]["success_normalised"] == pytest.approx(r[name]["success"] / max(r["expert_success_posttrain"], 1e-9))
     capsys.readouterr()
     ir.main(ANT_TINY + ["--pretrain-steps", "3", "--out", out])
     txt = capsys.readouterr().out
-    assert txt.count("reusing") == 4                      # data, pretrain, probe, controllers
+    assert txt.count("reusing") == 8        # data, pretrain, probe, controllers, metacontroller, the three RL runs
 
 
 # ------------------------------------------------------------------- metacontroller and internal RL

@@ -1563,8 +1563,7 @@ class InternalAgent:
         self.zs.append(z_new)
         _, h = self.mc.history(e[:, None], self.h[None])                               # h_t = GRU(e_t, h_{t-1})
         self.h, self.t = h[0], self.t + 1
-        A, Bm = self.mc.factors(self.z)                                                 # (n, D, r) each
-        return apply_controller(x, A[:, None], Bm[:, None])                             # U_t e_t (n, 1, D)
+        return self.mc.apply(self.z[:, None], x)                                        # U_t e_t (n, 1, D)
 
     def decisions(self, lengths):
         """Compact each episode's decision points into (n, K) sequences: e_dec, z_dec, mask."""

@@ -42,7 +42,8 @@ What to expect (2-core CPU, defaults; the README has the measured tables and wha
     Grid: 40-45 min for every stage. The current subgoal becomes linearly decodable mid-depth (probe 0.40 at
     the input -> 0.66 at layer L/2, chance 0.25) and ground-truth controllers steer the pretraining tasks
     (success 0.39, base model 0.06), but at CPU scale no RL method solves the post-training task yet.
-    Ant: every stage runs; its numbers are still being measured (see the README).
+    Ant: every stage in ~60 min, but no subgoal code emerges yet (probes at chance), so the stages after
+    pretraining have nothing to steer with (README).
 
 Table of contents (the section banners below carry the same numbers; log lines are prefixed with them)
     1. Args: every setting, with per-task defaults

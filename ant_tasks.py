@@ -339,6 +339,11 @@ class AntPinpadEnv(gym.Env):
         return self.progress == len(self.task)
 
     @property
+    def colour_here(self) -> int:
+        """The colour of the ant's cell, -1 for none (analysis: which colour a failed episode entered)."""
+        return self.colour_cells.index(self.cell) if self.cell in self.colour_cells else -1
+
+    @property
     def subgoal(self) -> int:
         """Ground-truth current subgoal: the next needed colour (the last one once done)."""
         return self.task[min(self.progress, len(self.task) - 1)]

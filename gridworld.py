@@ -250,6 +250,12 @@ class GridPinpadEnv(gym.Env):
         return self.progress == len(self.task)
 
     @property
+    def colour_here(self) -> int:
+        """The colour of the agent's cell, -1 for none (analysis: which colour a failed episode entered)."""
+        k = self.kind[self.agent]
+        return k if 0 <= k < N_COLOURS else -1
+
+    @property
     def subgoal(self) -> int:
         """Ground-truth current subgoal: the pair of the next needed colour (the last one once done)."""
         return subgoal_of(self.task[min(self.progress, len(self.task) - 1)])

@@ -793,9 +793,7 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
                    lengths=torch.tensor(steps, device=device),                             # (n,)
                    rewards=torch.tensor([float(env.success) for env in envs], device=device))  # (n,)
         # the first colour each episode entered (-1: none), for section 11
-        wrong = ((lambda env: int(env.kind[env.agent]) if env.failed else -1) if model.task == "grid" else
-                 (lambda env: env.colour_cells.index(env.cell) if env.end_reason == "wrong colour" else -1))
-        out["first_colour"] = [env.task[0] if env.progress else wrong(env) for env in envs]
+        out["first_colour"] = [env.task[0] if env.progress else (env.colour_here if env.failed else -1) for env in envs]
     return out
 
 

@@ -132,6 +132,8 @@ class Args:
     n_layer: int = arg(4, "transformer blocks L (paper: 6)")
     n_head: int = arg(4, "attention heads")
     n_embd: int = arg(64, "residual width D (paper: 256)")
+    obj_attn: str = arg("", "grid: blocks (comma list of 1..L, e.g. '3,4') that also attend over the 12 objects of "
+                            "the current step (object attention, a deviation; see section 4); '' = none")
     mlp_mult: int = arg(4, "MLP hidden = mlp_mult * n_embd (ReLU, as Table A16)")
     rel_buckets: int = arg(32, "relative-position attention-bias buckets (Table A16: 32)")
     rel_max_distance: int = arg(128, "distance where the last (shared) bias bucket starts; see relative_buckets()")
@@ -246,10 +248,25 @@ def parse_args(argv=None) -> Args:
         die(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
     try:
         ctrl_layers(args)
+        obj_attn_blocks(args)
     except ValueError as e:
         die(str(e))
     args.out = args.out or os.path.join("runs", f"{args.task}-seed{args.seed}")
     return args
+
+
+def obj_attn_blocks(args: Args) -> list:
+    if not args.obj_attn:
+        return []
+    if args.task != "grid":
+        raise ValueError("--obj-attn is for the grid (the ant's observation has no objects)")
+    try:
+        blocks = [int(s) for s in args.obj_attn.split(",")]
+    except ValueError:
+        blocks = [0]
+    if any(not 1 <= l <= args.n_layer for l in blocks):
+        raise ValueError(f"--obj-attn must be '' or blocks in 1..{args.n_layer}, e.g. '3,4', got {args.obj_attn!r}")
+    return blocks
 
 
 def ctrl_layers(args: Args) -> list:
@@ -298,7 +315,7 @@ STAGE_PARENT = {"pretrain": None, "probe": "pretrain", "controllers": "pretrain"
                 "rl": "metacontroller"}
 STAGE_FIELDS = {
     "pretrain": ("task", "seed", "epsilon", "n_heldout", "batch_size", "bucket_batches", "n_layer", "n_head",
-                 "n_embd", "mlp_mult", "rel_buckets", "rel_max_distance", "pretrain_steps", "lr", "warmup",
+                 "n_embd", "obj_attn", "mlp_mult", "rel_buckets", "rel_max_distance", "pretrain_steps", "lr", "warmup",
                  "cooldown", "weight_decay", "obs_coef", "grad_clip"),
     "probe": ("n_dstar", "n_probe", "probe_steps", "probe_lr"),
     "controllers": ("n_dstar", "n_probe", "ctrl_rank", "ctrl_steps", "ctrl_batch", "ctrl_lr", "ctrl_layers",
@@ -522,6 +539,14 @@ def make_datasets(args: Args, log=None) -> dict:
 # is a shared workspace that all later blocks read, and a linear edit of it at one depth (section 8) is
 # seen by every block above. forward() below keeps that loop in plain sight.
 #
+# Object attention (grid, --obj-attn; a deviation from the paper, whose blocks attend over time only).
+# The input embedding *sums* the 12 object embeddings of a step, so to walk to one colour around the others
+# the MLPs must pull "where is colour c" back out of that sum. In the blocks listed in --obj-attn, the token
+# also attends over its own step's 12 objects, keys = values = the same E_obj[type, offset] rows the input
+# summed, with a query from the residual stream: "look up the object I am heading for". It sees nothing
+# beyond the current observation, no task and no label. Measured (README): at the same steps it lowers the
+# held-out NLL and makes the residual stream far more steerable by the controllers of section 8.
+#
 #   Symbol      | Shape      | Meaning
 #   obs         | (B, T, 13) | observations o_1..o_T in index form (section 3; the ant: (B, T, 41) floats)
 #   e_{t,l}     | (B, T, D)  | residual after block l; l = 0 is the input embedding
@@ -573,18 +598,37 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))                         # (B, T, D)
 
 
-class Block(nn.Module):
-    """Pre-norm residual block [P D.1.1]: e <- e + Attn(LN(e)); e <- e + MLP(LN(e))."""
+class ObjectAttention(nn.Module):
+    """Each step's token attends over that step's objects (keys = values = their embeddings); see above."""
 
     def __init__(self, args: Args):
+        super().__init__()
+        self.n_head = args.n_head
+        self.q, self.proj = nn.Linear(args.n_embd, args.n_embd), nn.Linear(args.n_embd, args.n_embd)
+
+    def forward(self, x, objs):
+        B, T, O, D = objs.shape                                                  # objs (B, T, 12, D)
+        q = self.q(x).view(B, T, 1, self.n_head, D // self.n_head)               # (B, T, 1, H, hs)
+        kv = objs.view(B, T, O, self.n_head, D // self.n_head)                   # (B, T, 12, H, hs)
+        w = ((q * kv).sum(-1) / math.sqrt(D // self.n_head)).softmax(2)          # (B, T, 12, H) over objects
+        return self.proj((w[..., None] * kv).sum(2).reshape(B, T, D))            # (B, T, D)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block [P D.1.1]: e <- e + Attn(LN(e)); [e <- e + ObjAttn(LN(e))]; e <- e + MLP(LN(e))."""
+
+    def __init__(self, args: Args, objects: bool = False):
         super().__init__()
         D = args.n_embd
         self.ln_1, self.attn = nn.LayerNorm(D), CausalSelfAttention(args)
         self.ln_2 = nn.LayerNorm(D)
         self.mlp = nn.Sequential(nn.Linear(D, args.mlp_mult * D), nn.ReLU(), nn.Linear(args.mlp_mult * D, D))
+        self.ln_o, self.obj_attn = (nn.LayerNorm(D), ObjectAttention(args)) if objects else (None, None)
 
-    def forward(self, x, buckets, cache=None):
-        x = x + self.attn(self.ln_1(x), buckets, cache)
+    def forward(self, x, buckets, cache=None, objs=None):
+        x = x + self.attn(self.ln_1(x), buckets, cache)                          # over time (causal)
+        if self.obj_attn is not None:
+            x = x + self.obj_attn(self.ln_o(x), objs)                            # over this step's objects
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -615,7 +659,8 @@ class GPT(nn.Module):
             self.register_buffer("obj_type", OBJ_TYPE.clone(), persistent=False)
         else:
             self.obs_emb = nn.Linear(ANT_OBS_DIM, D)         # the ant's observation is already a feature vector
-        self.blocks = nn.ModuleList([Block(args) for _ in range(args.n_layer)])
+        objects = obj_attn_blocks(args)                                          # blocks with object attention
+        self.blocks = nn.ModuleList([Block(args, l in objects) for l in range(1, args.n_layer + 1)])
         self.ln_f = nn.LayerNorm(D)
         if args.task == "grid":
             self.action_head = nn.Linear(D, 4)                                   # logits of p(a_t | o_{1:t})
@@ -636,24 +681,25 @@ class GPT(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         for b in self.blocks:                   # GPT-2: scale residual-branch outputs by depth
-            for lin in (b.attn.c_proj, b.mlp[2]):
+            for lin in (b.attn.c_proj, b.mlp[2]) + (() if b.obj_attn is None else (b.obj_attn.proj,)):
                 nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * args.n_layer))
 
     def embed(self, obs):
-        """obs (B, T, 13) -> e_{t,0} (B, T, D); the ant: a linear map of obs (B, T, 41).
+        """obs (B, T, 13) -> e_{t,0} (B, T, D) and the object embeddings (B, T, 12, D) that it sums; the ant: a
+        linear map of obs (B, T, 41), and no objects (None).
 
         Example: agent at cell 24 (row 3, col 3), colour 5 at cell 10 (row 1, col 3): offset (-2, 0), so
         colour 5 contributes E_obj[5, (-2 + 6) * 13 + (0 + 6)]. The same row serves every agent position,
         which is why "colour 5 is two cells up" is learned once, not 49 times as with a linear map of the
         flat one-hot. The grid's edges are not objects; E_agent[agent cell] tells where they are."""
         if self.task == "ant":
-            return self.obs_emb(obs)                                             # (B, T, D)
+            return self.obs_emb(obs), None                                       # (B, T, D)
         agent = obs[..., -1]                                                     # (B, T)
         obj = obs[..., :-1]                                                      # (B, T, 12)
         dr = obj // gw.GRID - (agent // gw.GRID)[..., None] + gw.GRID - 1        # (B, T, 12) row offset in 0..12
         dc = obj % gw.GRID - (agent % gw.GRID)[..., None] + gw.GRID - 1          # (B, T, 12) col offset in 0..12
-        idx = self.obj_type * N_OFFSETS + dr * (2 * gw.GRID - 1) + dc            # (B, T, 12)
-        return self.agent_emb(agent) + self.obj_emb(idx).sum(-2)                 # (B, T, D)
+        objs = self.obj_emb(self.obj_type * N_OFFSETS + dr * (2 * gw.GRID - 1) + dc)   # (B, T, 12, D)
+        return self.agent_emb(agent) + objs.sum(-2), objs                        # (B, T, D), (B, T, 12, D)
 
     def forward(self, obs, ctrl=None, ctrl_layer: int = -1, cache=None):
         """obs (B, T, 13) -> action logits (B, T, 4), next-cell logits (B, T, 49), residuals [L+1 x (B, T, D)].
@@ -662,12 +708,12 @@ class GPT(nn.Module):
         ``cache``: a list with one dict per block (``new_cache()``); the call then continues the sequence
         it holds (rollouts feed one step at a time). ``residuals[l]`` is e_{t,l} as block l wrote it, before any
         controller at layer l; above a controlled layer the residuals carry the controller's effect."""
-        x = self.embed(obs)                                                      # e_{t,0}   (B, T, D)
+        x, objs = self.embed(obs)                                                # e_{t,0}   (B, T, D)
         residuals = [x]
         if ctrl is not None and ctrl_layer == 0:
             x = x + ctrl(x)                                                      # ALGO LOGIC: Eq. 1 at l = 0
         for l, block in enumerate(self.blocks, start=1):
-            x = block(x, self.buckets, None if cache is None else cache[l - 1])  # e_{t,l}   (B, T, D)
+            x = block(x, self.buckets, None if cache is None else cache[l - 1], objs)  # e_{t,l} (B, T, D)
             residuals.append(x)
             if ctrl is not None and l == ctrl_layer:
                 x = x + ctrl(x)                                                  # ALGO LOGIC: Eq. 1: e <- e + U e
@@ -713,15 +759,17 @@ class GPT(nn.Module):
     # since a controller at layer l never changes e_{t,l} itself, lower() can run once without gradients.
     def lower(self, obs, layer: int):
         """obs (B, T, 13) -> e_{t,layer} (B, T, D): the embedding and blocks 1..layer."""
-        x = self.embed(obs)                                                      # e_{t,0}   (B, T, D)
+        x, objs = self.embed(obs)                                                # e_{t,0}   (B, T, D)
         for block in self.blocks[:layer]:
-            x = block(x, self.buckets)
+            x = block(x, self.buckets, None, objs)
         return x                                                                 # e_{t,layer} (B, T, D)
 
-    def upper(self, x, layer: int):
-        """A (possibly controlled) residual at ``layer`` (B, T, D) -> action logits (B, T, 4): blocks layer+1..L."""
+    def upper(self, x, layer: int, obs):
+        """A (possibly controlled) residual at ``layer`` (B, T, D) -> action logits (B, T, 4): blocks layer+1..L.
+        ``obs`` (B, T, 13) is read only by blocks with object attention."""
+        objs = self.embed(obs)[1] if any(b.obj_attn is not None for b in self.blocks[layer:]) else None
         for block in self.blocks[layer:]:
-            x = block(x, self.buckets)
+            x = block(x, self.buckets, None, objs)
         return self.action_head(self.ln_f(x))                                    # (B, T, 4)
 
 
@@ -1383,7 +1431,7 @@ def mc_loss(model: GPT, mc: MetaController, b: dict, layer: int, alpha: float, f
         e = model.lower(b["obs"], layer)                     # (B, T, D) the controller never changes e_{t,l}
     lengths = b["mask"].sum(1)                                                           # (B,)
     z, kl, beta = mc(e, lengths, forced)
-    act_out = model.upper(e + mc.apply(z, e), layer)                                     # ALGO LOGIC: Eq. 11, (B, T, 4)
+    act_out = model.upper(e + mc.apply(z, e), layer, b["obs"])                           # ALGO LOGIC: Eq. 11, (B, T, 4)
     nll = model.action_nll(act_out, b["actions"], b["mask"])
     mask = step_mask(lengths, e.shape[1])                                                # (B, T)
     kl_mean = (kl * mask).sum() / mask.sum()
@@ -1421,7 +1469,7 @@ def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int,
         m = b["mask"]
         lengths = m.sum(1)
         z, k, beta = mc(e, lengths, sample=False)
-        nll -= model.action_logp(model.upper(e + mc.apply(z, e), layer), b["actions"])[m].sum().item()
+        nll -= model.action_logp(model.upper(e + mc.apply(z, e), layer, b["obs"]), b["actions"])[m].sum().item()
         kl += k[m].sum().item()
         n += int(m.sum())
         for bt, g, T in zip(beta.tolist(), b["subgoals"].tolist(), lengths.tolist()):

@@ -256,7 +256,7 @@ def test_ant_expert_walks_the_tasks(ant_env):
 # ------------------------------------------------------------------------------------------ the model
 @pytest.fixture(scope="module")
 def model_and_batch():
-    args = tiny_args()
+    args = tiny_args(obj_attn="2")          # block 2 (above L/2 = 1) with object attention, so every test covers it
     torch.manual_seed(0)
     model = ir.GPT(args)
     # non-zero relative biases, so the tests also cover them
@@ -296,9 +296,9 @@ def test_controlled_forward_matches_a_hand_written_reference(model_and_batch):
     U = torch.randn(args.n_embd, args.n_embd) * 0.1
     layer = 1
     out, _, _ = model(b["obs"], lambda x: x @ U.T, layer)
-    e = model.embed(b["obs"])
+    e, objs = model.embed(b["obs"])
     for l, block in enumerate(model.blocks, start=1):
-        e = block(e, model.buckets)
+        e = block(e, model.buckets, None, objs)
         if l == layer:
             e = e + torch.einsum("ij,btj->bti", U, e)                          # e <- e + U e
     ref = model.action_head(model.ln_f(e))
@@ -444,6 +444,8 @@ def test_corrupt_checkpoint_is_reported_with_the_fix(tmp_path):
     (["--n-train", "5"], "--n-train is for the ant"),
     (["--task", "ant", "--stop-after", "nope"], "valid choices: pretrain"),
     (["--ctrl-rank", "0"], "full rank) is for the ant"),
+    (["--obj-attn", "5"], "--obj-attn must be"),
+    (["--task", "ant", "--obj-attn", "2"], "--obj-attn is for the grid"),
 ])
 def test_bad_input_exits_with_one_line(argv, needle):
     with pytest.raises(SystemExit) as e:
@@ -554,7 +556,7 @@ def test_lower_then_upper_equals_forward_with_the_same_controller(mc_setup):
     z = torch.randn(e.shape[0], e.shape[1], args.n_z)
     A, Bm = mc.factors(z)
     full, _, _ = model(b["obs"], lambda x: ir.apply_controller(x, A, Bm), args.n_layer // 2)
-    split = model.upper(e + mc.apply(z, e), args.n_layer // 2)
+    split = model.upper(e + mc.apply(z, e), args.n_layer // 2, b["obs"])
     assert torch.allclose(full, split, atol=1e-4)                           # and the fast U e is the explicit one
 
 

@@ -70,6 +70,7 @@ Deliberate choices and deviations from the paper (the README gives the reasons a
       budget; the controlled layer is L/2 = 2 as in the paper; pretraining ends with a linear lr cool-down.
     * Input embedding (the paper leaves it open): objects re-indexed around the agent plus the agent's cell; no
       task information, and the subgoal code emerged ~8x faster per CPU-second than a flat one-hot (PAPER.md 13).
+    * Object attention (opt-in, --obj-attn): chosen blocks also attend over the current step's objects (section 4).
     * Next-observation loss: cross-entropy on the agent's next cell (the only part of o_{t+1} that changes).
     * Shorter schedules, larger learning rates than Tables A4/A6/A7/A9 (values in Args); alpha ramps up over
       the first 30% of metacontroller steps (without it the posterior collapsed). RL: 24,576 episodes each.

@@ -66,11 +66,11 @@ Notation (shape comments use these letters)
     e_{t,l} residual at step t after block l (l = 0: the input embedding)   U a D x D controller, e <- e + U e
 
 Deliberate choices and deviations from the paper (the README gives the reasons and measurements)
-    * Size: d=64, 4 blocks, 4 heads, ~1.2e6 training episodes (paper: d=256, 6 blocks, ~2.6e8), for the CPU
+    * Size: d=64, 4 blocks, 4 heads, ~6e5 training episodes (paper: d=256, 6 blocks, ~2.6e8), for the CPU
       budget; the controlled layer is L/2 = 2 as in the paper; pretraining ends with a linear lr cool-down.
     * Input embedding (the paper leaves it open): objects re-indexed around the agent plus the agent's cell; no
       task information, and the subgoal code emerged ~8x faster per CPU-second than a flat one-hot (PAPER.md 13).
-    * Object attention (opt-in, --obj-attn): chosen blocks also attend over the current step's objects (section 4).
+    * Object attention (grid, --obj-attn): the top block also attends over the current step's objects (section 4).
     * Next-observation loss: cross-entropy on the agent's next cell (the only part of o_{t+1} that changes).
     * Shorter schedules, larger learning rates than Tables A4/A6/A7/A9 (values in Args); alpha ramps up over
       the first 30% of metacontroller steps (without it the posterior collapsed). RL: 24,576 episodes each.
@@ -121,7 +121,7 @@ class Args:
     log_every: int = arg(200, "log a training line every this many steps")
     # -- data (section 3) --
     epsilon: float = arg(0.0, "expert noise for dataset D: probability of a random non-terminating action (paper: 0)")
-    batch_size: int = arg(128, "episodes per pretraining batch (padded; batches are length-bucketed)")
+    batch_size: int = arg(64, "episodes per pretraining batch (padded; batches are length-bucketed)")
     bucket_batches: int = arg(8, "batches generated together and sorted by length, to cut padding")
     n_heldout: int = arg(2000, "held-out episodes of D (pretraining metrics)")
     n_dstar: int = arg(8000, "episodes of the clean set D* (epsilon = 0) for controllers; as many again held out")
@@ -133,8 +133,9 @@ class Args:
     n_layer: int = arg(4, "transformer blocks L (paper: 6)")
     n_head: int = arg(4, "attention heads")
     n_embd: int = arg(64, "residual width D (paper: 256)")
-    obj_attn: str = arg("", "grid: blocks (comma list of 1..L, e.g. '3,4') that also attend over the 12 objects of "
-                            "the current step (object attention, a deviation; see section 4); '' = none")
+    obj_attn: str = arg("", "grid: blocks that also attend over the 12 objects of the current step (object attention, "
+                            "a deviation; see section 4): 'last' (block L, the grid preset), a comma list of 1..L, "
+                            "e.g. '3,4', or '' = none")
     mlp_mult: int = arg(4, "MLP hidden = mlp_mult * n_embd (ReLU, as Table A16)")
     rel_buckets: int = arg(32, "relative-position attention-bias buckets (Table A16: 32)")
     rel_max_distance: int = arg(128, "distance where the last (shared) bias bucket starts; see relative_buckets()")
@@ -186,7 +187,8 @@ class Args:
 
 # Per-task defaults: everything not listed here takes the dataclass default above.
 TASK_PRESETS = {
-    "grid": {},
+    # The grid: object attention in the top block (section 4; README "What mattered").
+    "grid": dict(obj_attn="last"),
     # The ant: D is a stored set (section 3); episodes are ~270 steps, so batches hold fewer; controllers and
     # the metacontroller's decoder are full rank (Table A8).
     # Sized to finish every stage in ~55 of the 60 minutes on a 2-core CPU (README).
@@ -262,11 +264,11 @@ def obj_attn_blocks(args: Args) -> list:
     if args.task != "grid":
         raise ValueError("--obj-attn is for the grid (the ant's observation has no objects)")
     try:
-        blocks = [int(s) for s in args.obj_attn.split(",")]
+        blocks = [args.n_layer] if args.obj_attn == "last" else [int(s) for s in args.obj_attn.split(",")]
     except ValueError:
         blocks = [0]
     if any(not 1 <= l <= args.n_layer for l in blocks):
-        raise ValueError(f"--obj-attn must be '' or blocks in 1..{args.n_layer}, e.g. '3,4', got {args.obj_attn!r}")
+        raise ValueError(f"--obj-attn must be 'last', '' or blocks in 1..{args.n_layer}, e.g. '3,4', got {args.obj_attn!r}")
     return blocks
 
 
@@ -540,7 +542,8 @@ def make_datasets(args: Args, log=None) -> dict:
 # is a shared workspace that all later blocks read, and a linear edit of it at one depth (section 8) is
 # seen by every block above. forward() below keeps that loop in plain sight.
 #
-# Object attention (grid, --obj-attn; a deviation from the paper, whose blocks attend over time only).
+# Object attention (grid, --obj-attn, on in the top block by default; a deviation from the paper, whose blocks
+# attend over time only).
 # The input embedding *sums* the 12 object embeddings of a step, so to walk to one colour around the others
 # the MLPs must pull "where is colour c" back out of that sum. In the blocks listed in --obj-attn, the token
 # also attends over its own step's 12 objects, keys = values = the same E_obj[type, offset] rows the input

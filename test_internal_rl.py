@@ -266,6 +266,15 @@ def model_and_batch():
     return args, model.eval(), ir.collate(eps, "cpu")
 
 
+def test_object_attention_presets():
+    """The grid preset puts object attention in the top block, whatever the depth; the ant has none."""
+    assert ir.obj_attn_blocks(ir.parse_args(["--task", "grid"])) == [4]
+    assert ir.obj_attn_blocks(ir.parse_args(["--task", "grid", "--n-layer", "6"])) == [6]
+    assert ir.obj_attn_blocks(ir.parse_args(["--task", "ant"])) == []
+    model = ir.GPT(tiny_args(obj_attn="last"))
+    assert [b.obj_attn is not None for b in model.blocks] == [False, True]
+
+
 def test_transformer_is_causal(model_and_batch):
     args, model, b = model_and_batch
     cells = b["obs"].clone()
@@ -445,6 +454,7 @@ def test_corrupt_checkpoint_is_reported_with_the_fix(tmp_path):
     (["--task", "ant", "--stop-after", "nope"], "valid choices: pretrain"),
     (["--ctrl-rank", "0"], "full rank) is for the ant"),
     (["--obj-attn", "5"], "--obj-attn must be"),
+    (["--obj-attn", "top"], "--obj-attn must be 'last'"),
     (["--task", "ant", "--obj-attn", "2"], "--obj-attn is for the grid"),
 ])
 def test_bad_input_exits_with_one_line(argv, needle):

@@ -840,6 +840,15 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
     out = {"success": float(np.mean([env.success for env in envs])),
            "wrong_colour": float(np.mean([env.failed for env in envs])),         # the rest timed out
            "colours": float(np.mean([env.progress for env in envs])), "length": float(steps.mean())}
+    # Where episodes fail (diagnostics): how many task colours each unsuccessful episode reached, and for
+    # those that entered a wrong colour, the subgoal it needed (row) x the subgoal of the colour it entered.
+    out["fail_reached"] = np.bincount([env.progress for env in envs if not env.success],
+                                      minlength=max(len(env.task) for env in envs) + 1).tolist()
+    confusion = np.zeros((E.N_SUBGOALS, E.N_SUBGOALS), dtype=int)
+    for env in envs:
+        if env.failed and env.colour_here >= 0:
+            confusion[E.subgoal_of(env.task[env.progress]), E.subgoal_of(env.colour_here)] += 1
+    out["wrong_subgoal"] = confusion.tolist()
     if record:
         out.update(obs=torch.stack(seen, 1), actions=torch.stack(taken, 1),                # (n, T, 13), (n, T)
                    lengths=torch.tensor(steps, device=device),                             # (n,)
@@ -1184,6 +1193,12 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
             per_layer[layer].update(pretrain_greedy=pre_g["success"], posttrain_greedy=post_g["success"])
             log("8 controllers", f"layer {layer}, argmax actions instead of sampling (diagnostic): pretraining tasks "
                 f"{pre_g['success']:.3f} | post-training task {post_g['success']:.3f}")
+        if layer == args.n_layer // 2:            # diagnostic: where the post-training episodes fail
+            top = sorted(((n, i, j) for i, row in enumerate(post["wrong_subgoal"]) for j, n in enumerate(row) if n),
+                         reverse=True)[:4]
+            log("8 controllers", f"layer {layer}, post-training task: unsuccessful episodes by task colours reached "
+                f"(0..{len(post_task)}) {post['fail_reached']} | wrong colour entered, subgoal needed -> entered: "
+                + ", ".join(f"{i}->{j} x{n}" for n, i, j in top))
         states[str(layer)] = ctrl.state_dict()
         log("8 controllers", f"layer {layer}: held-out D* nll {nll:.3f} | success pretraining tasks "
             f"{pre['success']:.3f} (failed {pre['wrong_colour']:.2f}) | post-training task {post['success']:.3f} "

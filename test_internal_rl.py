@@ -668,6 +668,15 @@ def test_trajectory_advantage_and_ppo_loss_match_a_slow_loop():
     assert abs(ir.ppo_loss(logp, logp_old, adv, mask, 0.2).item() - (-total / count)) < 1e-5
 
 
+def test_rollout_failure_diagnostics_add_up(model_and_batch):
+    args, model, b = model_and_batch
+    r = ir.rollout(model, gw.POSTTRAIN_TASK, 32, 0, "cpu")
+    assert len(r["fail_reached"]) == len(gw.POSTTRAIN_TASK) + 1
+    assert sum(r["fail_reached"]) == round(32 * (1 - r["success"]))
+    # on the grid every failure is a wrong colour, counted once in the needed x entered table
+    assert np.sum(r["wrong_subgoal"]) == round(32 * r["wrong_colour"]) > 0
+
+
 def test_rl_update_makes_rewarded_episodes_more_likely(model_and_batch):
     args, model, b = model_and_batch
     policy = ir.copy.deepcopy(model).requires_grad_(True)

@@ -39,9 +39,10 @@ Outputs go to ``--out`` (default ``runs/<task>-seed<seed>``): checkpoints (``*.p
 reuses every finished stage; changing a setting retrains the stages it affects and everything after.
 
 What to expect (2-core CPU, defaults; the README has the measured tables and what they mean)
-    Grid: 40-45 min for every stage. The current subgoal becomes linearly decodable mid-depth (probe 0.40 at
-    the input -> 0.66 at layer L/2, chance 0.25) and ground-truth controllers steer the pretraining tasks
-    (success 0.39, base model 0.06), but at CPU scale no RL method solves the post-training task yet.
+    Grid: ~26 min up to the controllers, 40-45 min for every stage. The current subgoal becomes linearly
+    decodable mid-depth (probe ~0.38 at the input -> ~0.56-0.58 at layer L/2, chance 0.25) and ground-truth
+    controllers steer the pretraining tasks (success 0.72-0.75, base model 0.06-0.08), but the post-training
+    task's unseen subgoal order only rarely (0.00-0.12), and no RL method has solved it at CPU scale yet.
     Ant: every stage in ~60 min, but no subgoal code emerges yet (probes at chance), so the stages after
     pretraining have nothing to steer with (README).
 

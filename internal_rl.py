@@ -850,6 +850,7 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
         if env.failed and env.colour_here >= 0:
             confusion[E.subgoal_of(env.task[env.progress]), E.subgoal_of(env.colour_here)] += 1
     out["wrong_subgoal"] = confusion.tolist()
+    out["subgoal_pass"] = subgoal_pass([env.task for env in envs], [env.progress for env in envs], E.subgoal_of)
     if record:
         out.update(obs=torch.stack(seen, 1), actions=torch.stack(taken, 1),                # (n, T, 13), (n, T)
                    lengths=torch.tensor(steps, device=device),                             # (n,)
@@ -857,6 +858,19 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
         # the first colour each episode entered (-1: none), for section 11
         out["first_colour"] = [env.task[0] if env.progress else (env.colour_here if env.failed else -1) for env in envs]
     return out
+
+
+def subgoal_pass(tasks: list, progress: list, subgoal_of) -> list:
+    """Where tasks fail, subgoal by subgoal: entry k is the share of the episodes that completed subgoals
+    1..k that also completed subgoal k+1 (a subgoal = a run of colours with the same subgoal id: a pair on
+    the grid). The list stops after the first subgoal no episode reached; its product is the success rate."""
+    done, n_sub = [], 0                                               # subgoals completed, per episode
+    for task, p in zip(tasks, progress):
+        ends = [i for i in range(1, len(task)) if subgoal_of(task[i]) != subgoal_of(task[i - 1])] + [len(task)]
+        done.append(sum(p >= i for i in ends))
+        n_sub = max(n_sub, len(ends))
+    reached = [sum(d >= k for d in done) for k in range(n_sub + 1)]
+    return [reached[k + 1] / reached[k] for k in range(n_sub) if reached[k]]
 
 
 def rollout_pair(model: GPT, n: int, seed: int, device, **kw) -> tuple:
@@ -1199,7 +1213,10 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
                          reverse=True)[:4]
             log("8 controllers", f"layer {layer}, post-training task: unsuccessful episodes by task colours reached "
                 f"(0..{len(post_task)}) {post['fail_reached']} | wrong colour entered, subgoal needed -> entered: "
-                + ", ".join(f"{i}->{j} x{n}" for n, i, j in top))
+                + ", ".join(f"{i}->{j} x{n}" for n, i, j in top) + " | completed subgoal k, of the episodes that "
+                f"reached it: {' '.join(f'{p:.2f}' for p in post['subgoal_pass'])} (pretraining tasks: "
+                f"{' '.join(f'{p:.2f}' for p in pre['subgoal_pass'])})", subgoal_pass=post["subgoal_pass"],
+                subgoal_pass_pretrain=pre["subgoal_pass"])
         states[str(layer)] = ctrl.state_dict()
         log("8 controllers", f"layer {layer}: held-out D* nll {nll:.3f} | success pretraining tasks "
             f"{pre['success']:.3f} (failed {pre['wrong_colour']:.2f}) | post-training task {post['success']:.3f} "
@@ -1400,12 +1417,17 @@ class MetaController(nn.Module):
         outer = (coef[..., :, None] * h[..., None, :]).flatten(-2)                       # (B, T, r H)
         return outer @ Wa.view(D, -1).T + coef @ ba.T                                    # A(z) Bm(z)^T e  (B, T, D)
 
-    def switch_prob(self, e, h_prev, z_prev, noisy: bool = False):
+    def switch_prob(self, e, h_prev, z_prev, noisy: bool = False, pre=None):
         """beta_t = f_switch(e_t, h_{t-1}, z_{t-1}) (Eq. 16): causal, no access to s. (B, D) -> (B,)
 
+        ``pre``: the first layer's (e_t, h_{t-1}) part, W_eh [e_t; h_{t-1}] + b, precomputed for every step at
+        once by forward() (the layer is linear, so only the z_{t-1} part has to wait for the loop).
         ``noisy`` (training with --mc-gumbel > 0): a Gumbel-sigmoid sample, sigmoid((logit + logistic noise) / tau),
         which makes in-between values of beta noisy and so pushes the gate towards 0 or 1."""
-        logit = self.switch(torch.cat([e, h_prev, z_prev], -1))[..., 0]                 # (B,)
+        first, Z = self.switch[0], z_prev.shape[-1]
+        if pre is None:
+            pre = F.linear(torch.cat([e, h_prev], -1), first.weight[:, :-Z], first.bias)   # (B, E)
+        logit = self.switch[2](torch.relu(pre + z_prev @ first.weight[:, -Z:].T))[..., 0]  # (B,)
         if noisy and self.gumbel > 0:
             u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
             logit = (logit + torch.log(u) - torch.log1p(-u)) / self.gumbel
@@ -1430,15 +1452,19 @@ class MetaController(nn.Module):
         logvar = logvar.clamp(-10, 5)
         z_tilde = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu  # Eq. 15, reparameterised
         kl = gaussian_kl(mu, logvar)                                                     # (B, T) charged at every step
+        if forced:                          # ALGO LOGIC: Eq. 2 with beta = 1 (the ablation): z_t = z~_t
+            return z_tilde, kl, e.new_ones(B, T)
+        first = self.switch[0]
+        pre = F.linear(torch.cat([e, h_prev], -1), first.weight[:, :-mu.shape[-1]], first.bias)  # (B, T, E)
         z, zs, betas = e.new_zeros(B, mu.shape[-1]), [], []
         # the only sequential part: beta_t reads z_{t-1}. (unbind() slices once; indexing [:, t] inside the
         # loop would make autograd build a full-size zero tensor per step, O(T^2).)
-        e_t, h_t, zt_t = e.unbind(1), h_prev.unbind(1), z_tilde.unbind(1)
+        pre_t, zt_t = pre.unbind(1), z_tilde.unbind(1)
         for t in range(T):
-            if t == 0 or forced:
+            if t == 0:
                 beta = e.new_ones(B)                                                     # (B,)
             else:
-                beta = self.switch_prob(e_t[t], h_t[t], z, noisy=sample)                # (B,)
+                beta = self.switch_prob(None, None, z, noisy=sample, pre=pre_t[t])      # (B,)
             z = beta[:, None] * zt_t[t] + (1 - beta[:, None]) * z                      # ALGO LOGIC: Eq. 2 (B, Z)
             zs.append(z)
             betas.append(beta)

@@ -675,6 +675,16 @@ def test_rollout_failure_diagnostics_add_up(model_and_batch):
     assert sum(r["fail_reached"]) == round(32 * (1 - r["success"]))
     # on the grid every failure is a wrong colour, counted once in the needed x entered table
     assert np.sum(r["wrong_subgoal"]) == round(32 * r["wrong_colour"]) > 0
+    assert np.prod(r["subgoal_pass"]) == pytest.approx(r["success"])
+
+
+def test_subgoal_pass_rates_by_hand():
+    """Grid subgoals are pairs: progress 0-1 completes none, 2-3 one, 6 (of 6) all three."""
+    task = gw.PRETRAIN_TASKS[0]                                              # 6 colours = 3 pairs
+    assert ir.subgoal_pass([task] * 5, [0, 1, 2, 3, 6], gw.subgoal_of) == [3 / 5, 1 / 3, 1.0]
+    assert ir.subgoal_pass([task] * 2, [1, 0], gw.subgoal_of) == [0.0]     # stops at the first unreached
+    # a run of one colour per subgoal (the ant): 0-1-2-3 reached 2 colours -> 2 of 4 subgoals completed
+    assert ir.subgoal_pass([[0, 1, 2, 3]] * 2, [2, 4], lambda c: c) == [1.0, 1.0, 0.5, 1.0]
 
 
 def test_rl_update_makes_rewarded_episodes_more_likely(model_and_batch):

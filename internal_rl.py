@@ -39,10 +39,11 @@ Outputs go to ``--out`` (default ``runs/<task>-seed<seed>``): checkpoints (``*.p
 reuses every finished stage; changing a setting retrains the stages it affects and everything after.
 
 What to expect (2-core CPU, defaults; the README has the measured tables and what they mean)
-    Grid: ~26 min up to the controllers, 40-45 min for every stage. The current subgoal becomes linearly
+    Grid: ~26 min up to the controllers, 44-46 min for every stage. The current subgoal becomes linearly
     decodable mid-depth (probe ~0.38 at the input -> ~0.56-0.58 at layer L/2, chance 0.25) and ground-truth
     controllers steer the pretraining tasks (success 0.72-0.75, base model 0.06-0.08), but the post-training
-    task's unseen subgoal order only rarely (0.00-0.12), and no RL method has solved it at CPU scale yet.
+    task's unseen subgoal order only rarely (0.00-0.12). The metacontroller does not switch at the subgoals
+    yet (it sends the task in its first code, or nothing), and no RL method has solved the task at CPU scale.
     Ant: every stage in ~60 min, but no subgoal code emerges yet (probes at chance), so the stages after
     pretraining have nothing to steer with (README).
 
@@ -1529,6 +1530,15 @@ def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int,
     return out
 
 
+def collapse_verdict(rate: float, kl: float) -> str:
+    """Switching in plain words (PAPER.md 12, pitfall 10), from the held-out switch rate and KL per step."""
+    if kl < 0.005:
+        return "COLLAPSED: it sends nothing (KL ~ 0: a collapsed posterior), so its codes carry no information"
+    if rate < 0.01:
+        return "COLLAPSED: it never switches after the first step"
+    return "COLLAPSED: it switches at (almost) every step" if rate > 0.9 else "sparse switching"
+
+
 def train_metacontroller(args: Args, model: GPT, data: dict, device, log: Logger, forced: bool, tag: str):
     """Minimise Eq. 3 on D* with the base model frozen; only the metacontroller's parameters train."""
     torch.manual_seed(args.seed + (7 if forced else 0))
@@ -1568,8 +1578,7 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
     mcs["mc"] = train_metacontroller(args, model, data, device, log, forced=False, tag="metacontroller")
     al = switch_alignment(model, mcs["mc"], data["dstar_heldout"][:args.n_probe // 2], mid, device)
     rate = al["switch_rate"]
-    verdict = ("COLLAPSED: it never switches after the first step" if rate < 0.01 else
-               "COLLAPSED: it switches at (almost) every step" if rate > 0.9 else "sparse switching")
+    verdict = collapse_verdict(rate, al["kl"])
     log("10 metacontroller", f"held-out D*: nll {al['nll']:.3f} | kl {al['kl']:.3f} | switch rate {rate:.3f} ({verdict}) | "
         f"switches vs subgoal boundaries (+-1 step): precision {al['precision']:.3f} recall {al['recall']:.3f} "
         f"F1 {al['f1']:.3f} | beta histogram (0..1, 10 bins) {al['beta_hist']}", **al)

@@ -678,6 +678,13 @@ def test_rollout_failure_diagnostics_add_up(model_and_batch):
     assert np.prod(r["subgoal_pass"]) == pytest.approx(r["success"])
 
 
+def test_collapse_verdicts():
+    assert "sends nothing" in ir.collapse_verdict(0.0, 0.0)
+    assert "never switches" in ir.collapse_verdict(0.0, 0.07)               # the task in the first code
+    assert "every step" in ir.collapse_verdict(0.95, 0.5)
+    assert ir.collapse_verdict(0.06, 0.2) == "sparse switching"
+
+
 def test_subgoal_pass_rates_by_hand():
     """Grid subgoals are pairs: progress 0-1 completes none, 2-3 one, 6 (of 6) all three."""
     task = gw.PRETRAIN_TASKS[0]                                              # 6 colours = 3 pairs

@@ -1380,7 +1380,7 @@ class MetaController(nn.Module):
     def __init__(self, args: Args):
         super().__init__()
         D, Z, H, E, r = args.n_embd, args.n_z, args.mc_hidden, args.mc_enc_hidden, args.ctrl_rank or args.n_embd
-        self.D, self.r, self.gumbel = D, r, args.mc_gumbel
+        self.D, self.r, self.Z, self.gumbel = D, r, Z, args.mc_gumbel
         # internal sequence embedder (Eq. 13): a bidirectional GRU over the whole sequence, its outputs
         # averaged over the real steps (our choice of pooling; the paper does not say), then linear.
         self.embedder = nn.GRU(D, H, batch_first=True, bidirectional=True)
@@ -1418,17 +1418,20 @@ class MetaController(nn.Module):
         outer = (coef[..., :, None] * h[..., None, :]).flatten(-2)                       # (B, T, r H)
         return outer @ Wa.view(D, -1).T + coef @ ba.T                                    # A(z) Bm(z)^T e  (B, T, D)
 
-    def switch_prob(self, e, h_prev, z_prev, noisy: bool = False, pre=None):
-        """beta_t = f_switch(e_t, h_{t-1}, z_{t-1}) (Eq. 16): causal, no access to s. (B, D) -> (B,)
+    def switch_input(self, e, h_prev):
+        """The switching unit's first layer on (e_t, h_{t-1}) alone, for any leading shape. The layer is linear,
+        so forward() computes this part for every step at once and only the z_{t-1} part waits for the loop."""
+        first = self.switch[0]
+        return F.linear(torch.cat([e, h_prev], -1), first.weight[:, :-self.Z], first.bias)
 
-        ``pre``: the first layer's (e_t, h_{t-1}) part, W_eh [e_t; h_{t-1}] + b, precomputed for every step at
-        once by forward() (the layer is linear, so only the z_{t-1} part has to wait for the loop).
+    def switch_prob(self, pre, z_prev, noisy: bool = False):
+        """beta_t = f_switch(e_t, h_{t-1}, z_{t-1}) (Eq. 16): causal, no access to s. (B, E), (B, Z) -> (B,)
+
+        ``pre`` = switch_input(e_t, h_{t-1}).
         ``noisy`` (training with --mc-gumbel > 0): a Gumbel-sigmoid sample, sigmoid((logit + logistic noise) / tau),
         which makes in-between values of beta noisy and so pushes the gate towards 0 or 1."""
-        first, Z = self.switch[0], z_prev.shape[-1]
-        if pre is None:
-            pre = F.linear(torch.cat([e, h_prev], -1), first.weight[:, :-Z], first.bias)   # (B, E)
-        logit = self.switch[2](torch.relu(pre + z_prev @ first.weight[:, -Z:].T))[..., 0]  # (B,)
+        W_z = self.switch[0].weight[:, -self.Z:]                                         # (E, Z)
+        logit = self.switch[2](torch.relu(pre + z_prev @ W_z.T))[..., 0]                 # (B,)
         if noisy and self.gumbel > 0:
             u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
             logit = (logit + torch.log(u) - torch.log1p(-u)) / self.gumbel
@@ -1455,8 +1458,7 @@ class MetaController(nn.Module):
         kl = gaussian_kl(mu, logvar)                                                     # (B, T) charged at every step
         if forced:                          # ALGO LOGIC: Eq. 2 with beta = 1 (the ablation): z_t = z~_t
             return z_tilde, kl, e.new_ones(B, T)
-        first = self.switch[0]
-        pre = F.linear(torch.cat([e, h_prev], -1), first.weight[:, :-mu.shape[-1]], first.bias)  # (B, T, E)
+        pre = self.switch_input(e, h_prev)                                               # (B, T, E)
         z, zs, betas = e.new_zeros(B, mu.shape[-1]), [], []
         # the only sequential part: beta_t reads z_{t-1}. (unbind() slices once; indexing [:, t] inside the
         # loop would make autograd build a full-size zero tensor per step, O(T^2).)
@@ -1465,7 +1467,7 @@ class MetaController(nn.Module):
             if t == 0:
                 beta = e.new_ones(B)                                                     # (B,)
             else:
-                beta = self.switch_prob(None, None, z, noisy=sample, pre=pre_t[t])      # (B,)
+                beta = self.switch_prob(pre_t[t], z, noisy=sample)                     # (B,)
             z = beta[:, None] * zt_t[t] + (1 - beta[:, None]) * z                      # ALGO LOGIC: Eq. 2 (B, Z)
             zs.append(z)
             betas.append(beta)
@@ -1654,7 +1656,8 @@ class InternalAgent:
         if self.t == 0 or self.forced:
             decide = torch.ones(e.shape[0], dtype=torch.bool, device=e.device)
         else:
-            decide = self.mc.switch_prob(e, self.h, self.z) >= 0.5                        # ALGO LOGIC: Heaviside(beta - 0.5)
+            beta = self.mc.switch_prob(self.mc.switch_input(e, self.h), self.z)         # (n,) Eq. 16
+            decide = beta >= 0.5                                                         # ALGO LOGIC: Heaviside(beta - 0.5)
         out, h_pi = self.pi.gru(e[:, None], self.h_pi)                                  # (n, 1, H)
         mu = self.pi.mu(out[:, 0])
         z_new = mu + self.pi.log_std.exp() * torch.randn(mu.shape, generator=self.gen, device=e.device)  # ALGO LOGIC: z ~ pi

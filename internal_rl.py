@@ -1509,10 +1509,20 @@ def boundary_f1(beta, subgoals, lengths, tol: int = 1) -> dict:
             "switch_rate": n_pred / max(n_steps, 1)}
 
 
+def first_colour_segments(next_colour: list) -> list:
+    """Grid diagnostic: a label per step that changes exactly where the agent reaches the *first* colour of a
+    pair (next colour 2k -> 2k+1), the event half a subgoal before the labelled boundary. boundary_f1 against
+    it says whether a metacontroller found that event instead of the subgoals (README)."""
+    seg = [0]
+    for prev, nxt in zip(next_colour, next_colour[1:]):
+        seg.append(seg[-1] + int(prev % 2 == 0 and nxt == prev + 1))
+    return seg
+
+
 @torch.no_grad()
 def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int, device) -> dict:
     """Held-out switch statistics (posterior means, no sampling), plus NLL, KL and a beta histogram."""
-    betas, subgoals, nll, kl, n = [], [], 0.0, 0.0, 0                  # per episode, real steps only
+    betas, subgoals, firsts, nll, kl, n = [], [], [], 0.0, 0.0, 0      # per episode, real steps only
     for b in batches_of(episodes, 256, device):
         e = model.lower(b["obs"], layer)
         m = b["mask"]
@@ -1521,10 +1531,14 @@ def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int,
         nll -= model.action_logp(model.upper(e + mc.apply(z, e), layer, b["obs"]), b["actions"])[m].sum().item()
         kl += k[m].sum().item()
         n += int(m.sum())
-        for bt, g, T in zip(beta.tolist(), b["subgoals"].tolist(), lengths.tolist()):
+        for i, (bt, g, T) in enumerate(zip(beta.tolist(), b["subgoals"].tolist(), lengths.tolist())):
             betas.append(bt[:T])
             subgoals.append(g[:T])
+            if "next_colour" in b:
+                firsts.append(first_colour_segments(b["next_colour"][i, :T].tolist()))
     out = boundary_f1(betas, subgoals, [len(bt) for bt in betas])
+    if firsts:                                              # the grid: the same switches against first-colour visits
+        out["f1_first_colour"] = boundary_f1(betas, firsts, [len(bt) for bt in betas])["f1"]
     later = torch.tensor([x for bt in betas for x in bt[1:]])               # beta_2..beta_T (beta_1 = 1 always)
     out.update(nll=nll / n, kl=kl / n, beta_hist=torch.histc(later, bins=10, min=0, max=1).int().tolist(),
                examples=[{"beta": [round(x, 3) for x in betas[i]], "subgoals": subgoals[i]}
@@ -1583,12 +1597,13 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
     verdict = collapse_verdict(rate, al["kl"])
     log("10 metacontroller", f"held-out D*: nll {al['nll']:.3f} | kl {al['kl']:.3f} | switch rate {rate:.3f} ({verdict}) | "
         f"switches vs subgoal boundaries (+-1 step): precision {al['precision']:.3f} recall {al['recall']:.3f} "
-        f"F1 {al['f1']:.3f} | beta histogram (0..1, 10 bins) {al['beta_hist']}", **al)
+        f"F1 {al['f1']:.3f}" + (f" (against first-colour visits, half a subgoal early: F1 {al['f1_first_colour']:.3f})"
+        if "f1_first_colour" in al else "") + f" | beta histogram (0..1, 10 bins) {al['beta_hist']}", **al)
     mcs["mc_forced"] = train_metacontroller(args, model, data, device, log, forced=True, tag="metacontroller-forced")
     forced_nll = switch_alignment(model, mcs["mc_forced"], data["dstar_heldout"][:args.n_probe // 2], mid, device)["nll"]
     log("10 metacontroller-forced", f"held-out D* nll {forced_nll:.3f} (beta = 1 at every step)")
     metrics = {"switch_f1": al["f1"], "switch_precision": al["precision"], "switch_recall": al["recall"],
-               "switch_rate": rate, "switch_collapse": verdict, "mc_nll": al["nll"], "mc_kl": al["kl"],
+               "switch_rate": rate, "switch_f1_first_colour": al.get("f1_first_colour"), "switch_collapse": verdict, "mc_nll": al["nll"], "mc_kl": al["kl"],
                "beta_hist": al["beta_hist"], "beta_examples": al["examples"], "mc_forced_nll": forced_nll, "train_time_s": time.time() - t0}
     save_ckpt(path, {"fingerprint": fp, "metrics": metrics, **{k: m.state_dict() for k, m in mcs.items()}})
     return mcs, metrics

@@ -729,3 +729,13 @@ def test_boundary_f1_on_a_hand_made_example():
     beta[0, [0, 4, 9]] = 1.0                                                # t = 0 never counts; 4 is within 1 of 3
     out = ir.boundary_f1(beta, g, torch.tensor([10]))
     assert out["precision"] == 0.5 and out["recall"] == 0.5 and abs(out["switch_rate"] - 2 / 9) < 1e-9
+
+
+def test_first_colour_segments_mark_only_first_colour_visits():
+    nxt = [0, 0, 1, 1, 1, 4, 4, 5, 5]                                        # colour 0 reached at t = 2, 1 at 5, 4 at 7
+    seg = ir.first_colour_segments(nxt)
+    assert seg == [0, 0, 1, 1, 1, 1, 1, 2, 2]                               # the pair boundary (t = 5) is not an event
+    beta = torch.zeros(1, 9)
+    beta[0, [2, 7]] = 1.0
+    assert ir.boundary_f1(beta, [seg], [9])["f1"] == 1.0
+    assert ir.boundary_f1(beta, [[n // 2 for n in nxt]], [9])["f1"] == 0.0  # the same switches miss the subgoals

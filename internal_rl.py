@@ -1531,11 +1531,12 @@ def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int,
         nll -= model.action_logp(model.upper(e + mc.apply(z, e), layer, b["obs"]), b["actions"])[m].sum().item()
         kl += k[m].sum().item()
         n += int(m.sum())
+        nxt = b["next_colour"].tolist() if "next_colour" in b else None                 # the grid only
         for i, (bt, g, T) in enumerate(zip(beta.tolist(), b["subgoals"].tolist(), lengths.tolist())):
             betas.append(bt[:T])
             subgoals.append(g[:T])
-            if "next_colour" in b:
-                firsts.append(first_colour_segments(b["next_colour"][i, :T].tolist()))
+            if nxt is not None:
+                firsts.append(first_colour_segments(nxt[i][:T]))
     out = boundary_f1(betas, subgoals, [len(bt) for bt in betas])
     if firsts:                                              # the grid: the same switches against first-colour visits
         out["f1_first_colour"] = boundary_f1(betas, firsts, [len(bt) for bt in betas])["f1"]

@@ -411,6 +411,7 @@ def test_end_to_end_tiny_run_and_reuse(tmp_path, capsys):
     for method in ("token_rl", "internal_rl", "internal_rl_no_temporal"):
         assert res[method]["episodes"] == 32 and len(res[method]["curve"]) == 2 and 0 <= res[method]["success"] <= 1
     assert len(res["probe_accuracy"]) == 3 and len(res["controller_success"]) == 3
+    assert 0 <= res["switch_f1_first_colour"] <= 1                 # the grid also scores switches against first colours
     assert json.load(open(os.path.join(out, "results.json")))["seed"] == 0
     for fig in ("controller_success.png", "beta_traces.png", "rl_curves.png", "rl_curves_log.png"):
         assert os.path.exists(os.path.join(out, fig))

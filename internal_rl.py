@@ -1604,7 +1604,8 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
     forced_nll = switch_alignment(model, mcs["mc_forced"], data["dstar_heldout"][:args.n_probe // 2], mid, device)["nll"]
     log("10 metacontroller-forced", f"held-out D* nll {forced_nll:.3f} (beta = 1 at every step)")
     metrics = {"switch_f1": al["f1"], "switch_precision": al["precision"], "switch_recall": al["recall"],
-               "switch_rate": rate, "switch_f1_first_colour": al.get("f1_first_colour"), "switch_collapse": verdict, "mc_nll": al["nll"], "mc_kl": al["kl"],
+               "switch_rate": rate, "switch_f1_first_colour": al.get("f1_first_colour"),     # None on the ant
+               "switch_collapse": verdict, "mc_nll": al["nll"], "mc_kl": al["kl"],
                "beta_hist": al["beta_hist"], "beta_examples": al["examples"], "mc_forced_nll": forced_nll, "train_time_s": time.time() - t0}
     save_ckpt(path, {"fingerprint": fp, "metrics": metrics, **{k: m.state_dict() for k, m in mcs.items()}})
     return mcs, metrics

@@ -182,6 +182,8 @@ class Args:
     mc_kl_warmup: float = arg(0.3, "fraction of the steps over which alpha ramps up from 0 (the paper: none)")
     mc_gumbel: float = arg(0.0, "Gumbel-sigmoid temperature of beta in training, 0 = plain sigmoid (paper: plain; "
                                 "Gumbel for its grid rate-distortion plot)")
+    mc_seeds: int = arg(1, "metacontrollers trained (seeds seed, seed + 1000, ...); the one with the lowest held-out "
+                           "Eq. 3 is kept, a label-free choice (the paper trains 3 and reports their median)")
     # -- internal RL (section 11) --
     irl_lr: float = arg(1e-3, "AdamW learning rate of the internal-RL policy (Table A13: 3e-5 after a scan)")
     irl_hidden: int = arg(64, "GRU width of the causal z-policy (Table A13: a 1-layer SSM of width 256)")
@@ -240,6 +242,9 @@ def parse_args(argv=None) -> Args:
         die(f"--cooldown is a fraction of the steps in [0, 1], got {args.cooldown}")
     if args.n_probe < 2 or args.quick_probe_episodes < 2:
         die("--n-probe and --quick-probe-episodes need at least 2 episodes (half fit, half score)")
+    if args.mc_seeds > 1 and args.n_dstar < args.n_probe:
+        die(f"--mc-seeds {args.mc_seeds} chooses on held-out D*[n_probe/2:n_probe]: --n-dstar ({args.n_dstar}) must "
+            f"be at least --n-probe ({args.n_probe})")
     if args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         die(f"--device {args.device!r} is not available here; valid choices: auto, cpu"
             + (", cuda" if torch.cuda.is_available() else " (no CUDA device found)"))
@@ -326,7 +331,7 @@ STAGE_FIELDS = {
     "controllers": ("n_dstar", "n_probe", "ctrl_rank", "ctrl_steps", "ctrl_batch", "ctrl_lr", "ctrl_layers",
                     "n_eval", "greedy"),                     # (n_probe: they are scored on held-out D*[:n_probe // 2])
     "metacontroller": ("n_dstar", "n_probe", "alpha", "n_z", "mc_hidden", "mc_enc_hidden", "ctrl_rank", "mc_steps",
-                       "mc_batch", "mc_lr", "mc_kl_warmup", "mc_gumbel", "bucket_batches"),
+                       "mc_batch", "mc_lr", "mc_kl_warmup", "mc_gumbel", "bucket_batches", "mc_seeds"),
     "rl": ("rl_episodes", "rl_batch", "rl_epochs", "clip_coef", "token_lr", "rl_eval", "irl_lr", "irl_hidden"),
 }
 
@@ -1556,12 +1561,13 @@ def collapse_verdict(rate: float, kl: float) -> str:
     return "COLLAPSED: it switches at (almost) every step" if rate > 0.9 else "sparse switching"
 
 
-def train_metacontroller(args: Args, model: GPT, data: dict, device, log: Logger, forced: bool, tag: str):
+def train_metacontroller(args: Args, model: GPT, data: dict, device, log: Logger, forced: bool, tag: str,
+                         seed: int):
     """Minimise Eq. 3 on D* with the base model frozen; only the metacontroller's parameters train."""
-    torch.manual_seed(args.seed + (7 if forced else 0))
+    torch.manual_seed(seed + (7 if forced else 0))
     mc = MetaController(args).to(device)
     opt = torch.optim.AdamW(mc.parameters(), lr=args.mc_lr, weight_decay=args.weight_decay)
-    rng, mid, t0 = np.random.default_rng(args.seed + (300 if forced else 200)), args.n_layer // 2, time.time()
+    rng, mid, t0 = np.random.default_rng(seed + (300 if forced else 200)), args.n_layer // 2, time.time()
     stream = bucketed_batches(rng, sample_from(rng, data["dstar_train"]), args.mc_batch, args.bucket_batches, device)
     for step in range(1, args.mc_steps + 1):
         b = next(stream)
@@ -1581,7 +1587,12 @@ def train_metacontroller(args: Args, model: GPT, data: dict, device, log: Logger
 
 
 def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger):
-    """Train the metacontroller and its forced-switching ablation; measure switch alignment on held-out D*."""
+    """Train the metacontroller and its forced-switching ablation; measure switch alignment on held-out D*.
+
+    With --mc-seeds N, N metacontrollers train from different seeds and the one with the lowest Eq. 3 on
+    held-out D*[n_probe/2:n_probe] is kept: a choice without labels, on episodes that the switch alignment
+    (D*[:n_probe/2]) does not score. Seeds matter: on one base model one seed in two switched at the subgoals
+    and the other never switched (README). The forced ablation trains once (it has no switch to find)."""
     path = os.path.join(args.out, "metacontroller.pt")
     fp = fingerprint(args, "metacontroller")
     mcs = {"mc": MetaController(args).to(device), "mc_forced": MetaController(args).to(device)}
@@ -1592,7 +1603,22 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
         log("10 metacontroller", f"reusing {path}")
         return mcs, ck["metrics"]
     t0, mid = time.time(), args.n_layer // 2
-    mcs["mc"] = train_metacontroller(args, model, data, device, log, forced=False, tag="metacontroller")
+    candidates = []                              # (held-out Eq. 3, seed, metacontroller, its held-out stats)
+    for i in range(args.mc_seeds):
+        seed = args.seed + 1000 * i
+        mc = train_metacontroller(args, model, data, device, log, forced=False, tag="metacontroller", seed=seed)
+        if args.mc_seeds > 1:                                # ALGO LOGIC: keep the lowest held-out Eq. 3
+            sel = switch_alignment(model, mc, data["dstar_heldout"][args.n_probe // 2:args.n_probe], mid, device)
+            candidates.append((sel["nll"] + args.alpha * sel["kl"], seed, mc, sel))
+            log("10 metacontroller", f"seed {seed} ({i + 1} of {args.mc_seeds}): held-out Eq. 3 {candidates[-1][0]:.4f} "
+                f"(nll {sel['nll']:.3f} + alpha * kl {sel['kl']:.3f}) | switch rate {sel['switch_rate']:.3f} | F1 "
+                f"{sel['f1']:.3f} (labels: logged, not used to choose) | {eta(t0, i + 1, args.mc_seeds)}",
+                seed=seed, eq3=candidates[-1][0], f1=sel["f1"], switch_rate=sel["switch_rate"])
+        else:
+            candidates.append((0.0, seed, mc, {}))
+    eq3, chosen, mcs["mc"], _ = min(candidates, key=lambda c: c[0])
+    if args.mc_seeds > 1:
+        log("10 metacontroller", f"kept seed {chosen} (lowest held-out Eq. 3, {eq3:.4f})")
     al = switch_alignment(model, mcs["mc"], data["dstar_heldout"][:args.n_probe // 2], mid, device)
     rate = al["switch_rate"]
     verdict = collapse_verdict(rate, al["kl"])
@@ -1600,13 +1626,16 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
         f"switches vs subgoal boundaries (+-1 step): precision {al['precision']:.3f} recall {al['recall']:.3f} "
         f"F1 {al['f1']:.3f}" + (f" (against first-colour visits, half a subgoal early: F1 {al['f1_first_colour']:.3f})"
         if "f1_first_colour" in al else "") + f" | beta histogram (0..1, 10 bins) {al['beta_hist']}", **al)
-    mcs["mc_forced"] = train_metacontroller(args, model, data, device, log, forced=True, tag="metacontroller-forced")
+    mcs["mc_forced"] = train_metacontroller(args, model, data, device, log, forced=True, tag="metacontroller-forced",
+                                            seed=args.seed)
     forced_nll = switch_alignment(model, mcs["mc_forced"], data["dstar_heldout"][:args.n_probe // 2], mid, device)["nll"]
     log("10 metacontroller-forced", f"held-out D* nll {forced_nll:.3f} (beta = 1 at every step)")
     metrics = {"switch_f1": al["f1"], "switch_precision": al["precision"], "switch_recall": al["recall"],
                "switch_rate": rate, "switch_f1_first_colour": al.get("f1_first_colour"),     # None on the ant
                "switch_collapse": verdict, "mc_nll": al["nll"], "mc_kl": al["kl"],
-               "beta_hist": al["beta_hist"], "beta_examples": al["examples"], "mc_forced_nll": forced_nll, "train_time_s": time.time() - t0}
+               "beta_hist": al["beta_hist"], "beta_examples": al["examples"], "mc_forced_nll": forced_nll,
+               "mc_seed": chosen, "mc_candidates": [{"seed": s, "eq3": e, "f1": c["f1"], "switch_rate": c["switch_rate"]}
+                                                    for e, s, _, c in candidates if c], "train_time_s": time.time() - t0}
     save_ckpt(path, {"fingerprint": fp, "metrics": metrics, **{k: m.state_dict() for k, m in mcs.items()}})
     return mcs, metrics
 

@@ -457,6 +457,7 @@ def test_corrupt_checkpoint_is_reported_with_the_fix(tmp_path):
     (["--obj-attn", "5"], "--obj-attn must be"),
     (["--obj-attn", "top"], "--obj-attn must be 'last'"),
     (["--task", "ant", "--obj-attn", "2"], "--obj-attn is for the grid"),
+    (["--mc-seeds", "3", "--n-dstar", "100"], "--n-dstar (100) must be at least --n-probe (4000)"),
 ])
 def test_bad_input_exits_with_one_line(argv, needle):
     with pytest.raises(SystemExit) as e:
@@ -609,6 +610,21 @@ def test_metacontroller_gradients_reach_only_the_metacontroller(mc_setup):
     assert all(p.grad is None for p in model.parameters())
     for part in (mc.embedder, mc.history, mc.encoder, mc.switch, mc.decoder):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_metacontroller_seeds_keep_the_lowest_heldout_eq3(tmp_path):
+    args = tiny_args(out=str(tmp_path), n_probe=32, mc_seeds=2)
+    torch.manual_seed(0)
+    model = ir.GPT(args).requires_grad_(False).eval()
+    data, log = ir.make_datasets(args), ir.Logger(args.out)
+    mcs, m = ir.metacontroller_stage(args, model, data, "cpu", log)
+    eq3 = {c["seed"]: c["eq3"] for c in m["mc_candidates"]}
+    assert sorted(eq3) == [0, 1000] and eq3[0] != eq3[1000] and m["mc_seed"] == min(eq3, key=eq3.get)
+    # the kept one is that seed's metacontroller, and its Eq. 3 is on held-out D*[n_probe/2:n_probe]
+    again = ir.train_metacontroller(args, model, data, "cpu", log, forced=False, tag="x", seed=m["mc_seed"])
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), mcs["mc"].state_dict().values()))
+    sel = ir.switch_alignment(model, mcs["mc"], data["dstar_heldout"][16:32], args.n_layer // 2, "cpu")
+    assert abs(sel["nll"] + args.alpha * sel["kl"] - eq3[m["mc_seed"]]) < 1e-6
 
 
 def test_switching_unit_and_policy_are_causal(mc_setup):

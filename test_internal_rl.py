@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--n-embd", "32", "--n-layer", "2", "--n-head", "2", "--batch-size", "32", "--bucket-batches", "2",
         "--n-heldout", "64", "--n-dstar", "64", "--probe-steps", "30", "--ctrl-steps", "10", "--ctrl-batch", "16",
         "--n-eval", "16", "--log-every", "1000", "--eval-every", "1000", "--warmup", "10", "--mc-steps", "4",
-        "--mc-batch", "16", "--rl-episodes", "32", "--rl-batch", "16", "--rl-eval", "16"]
+        "--mc-batch", "16", "--mc-seeds", "2", "--n-probe", "64", "--rl-episodes", "32", "--rl-batch", "16", "--rl-eval", "16"]
 
 
 def tiny_args(**kw) -> ir.Args:
@@ -412,6 +412,7 @@ def test_end_to_end_tiny_run_and_reuse(tmp_path, capsys):
         assert res[method]["episodes"] == 32 and len(res[method]["curve"]) == 2 and 0 <= res[method]["success"] <= 1
     assert len(res["probe_accuracy"]) == 3 and len(res["controller_success"]) == 3
     assert 0 <= res["switch_f1_first_colour"] <= 1                 # the grid also scores switches against first colours
+    assert [c["seed"] for c in res["mc_candidates"]] == [0, 1000] and res["mc_seed"] in (0, 1000)   # --mc-seeds 2
     assert json.load(open(os.path.join(out, "results.json")))["seed"] == 0
     for fig in ("controller_success.png", "beta_traces.png", "rl_curves.png", "rl_curves_log.png"):
         assert os.path.exists(os.path.join(out, fig))

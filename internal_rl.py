@@ -39,11 +39,12 @@ Outputs go to ``--out`` (default ``runs/<task>-seed<seed>``): checkpoints (``*.p
 reuses every finished stage; changing a setting retrains the stages it affects and everything after.
 
 What to expect (2-core CPU, defaults; the README has the measured tables and what they mean)
-    Grid: ~26 min up to the controllers, 44-46 min for every stage. The current subgoal becomes linearly
-    decodable mid-depth (probe ~0.38 at the input -> ~0.56-0.58 at layer L/2, chance 0.25) and ground-truth
-    controllers steer the pretraining tasks (success 0.72-0.75, base model 0.06-0.08), but the post-training
-    task's unseen subgoal order only rarely (0.00-0.12). The metacontroller does not switch at the subgoals
-    yet (it sends the task in its first code, or nothing), and no RL method has solved the task at CPU scale.
+    Grid: 34 min for every stage on a fast day (up to ~1.8x longer on a slow one). The current subgoal becomes
+    linearly decodable mid-depth (probe ~0.38 at the input -> ~0.57-0.58 at layer L/2, chance 0.25) and
+    ground-truth controllers steer the pretraining tasks (success 0.72-0.75, base model 0.06-0.08), but the
+    post-training task's unseen subgoal order only rarely (0.00-0.12). The kept metacontroller of three
+    switches sparsely, but once per episode or half a subgoal early, and no RL method has solved the task
+    at CPU scale.
     Ant: every stage in ~60 min, but no subgoal code emerges yet (probes at chance), so the stages after
     pretraining have nothing to steer with (README).
 
@@ -77,6 +78,7 @@ Deliberate choices and deviations from the paper (the README gives the reasons a
     * Shorter schedules, larger learning rates than Tables A4/A6/A7/A9 (values in Args); alpha ramps up over
       the first 30% of metacontroller steps (without it the posterior collapsed). RL: 24,576 episodes each.
     * Sequence embedder, history GRU and z-policy are GRUs (the paper: Hawk SSMs).
+    * Grid: three metacontroller seeds, the lowest held-out Eq. 3 kept for RL (the paper reports the median of 3).
     * The ant (ant_tasks.py): the same transformer (paper: a Hawk SSM) with a linear input embedding and a
       Gaussian action head; a hand-designed expert (paper: PPO); full-rank controllers and decoder (Table A8).
 """
@@ -1498,21 +1500,28 @@ def boundary_f1(beta, subgoals, lengths, tol: int = 1) -> dict:
 
     beta, subgoals: (B, T) tensors or per-episode lists; lengths (B,). The first step never counts (every
     episode starts with a code). A predicted switch matches at most one true boundary and vice versa
-    (greedy, in time order). Returns precision, recall, F1, switch rate."""
+    (greedy, in time order). Returns precision, recall, F1, switch rate, and the recall of an episode's
+    k-th boundary for each k (``recall_by_boundary``: does it find every boundary, or only some?)."""
     tp = n_pred = n_true = n_steps = 0
+    hits, counts = [], []                                   # per boundary index k: matched, present
     for bt, g, n in zip(*(x.tolist() if torch.is_tensor(x) else x for x in (beta, subgoals, lengths))):
         pred = [t for t in range(1, n) if bt[t] >= 0.5]
         true = [t for t in range(1, n) if g[t] != g[t - 1]]
         used = set()
-        for t in true:
+        for k, t in enumerate(true):
             best = min((p for p in pred if abs(p - t) <= tol and p not in used), key=lambda p: abs(p - t), default=None)
+            if k == len(counts):
+                hits.append(0)
+                counts.append(0)
+            counts[k] += 1
             if best is not None:
                 used.add(best)
                 tp += 1
+                hits[k] += 1
         n_pred, n_true, n_steps = n_pred + len(pred), n_true + len(true), n_steps + max(n - 1, 0)
     prec, rec = tp / max(n_pred, 1), tp / max(n_true, 1)
     return {"precision": prec, "recall": rec, "f1": 2 * prec * rec / max(prec + rec, 1e-9),
-            "switch_rate": n_pred / max(n_steps, 1)}
+            "switch_rate": n_pred / max(n_steps, 1), "recall_by_boundary": [h / c for h, c in zip(hits, counts)]}
 
 
 def first_colour_segments(next_colour: list) -> list:
@@ -1625,6 +1634,7 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
     verdict = collapse_verdict(rate, al["kl"])
     log("10 metacontroller", f"held-out D*: nll {al['nll']:.3f} | kl {al['kl']:.3f} | switch rate {rate:.3f} ({verdict}) | "
         f"switches vs subgoal boundaries (+-1 step): precision {al['precision']:.3f} recall {al['recall']:.3f} "
+        f"(an episode's 1st, 2nd, ... boundary: {' '.join(f'{r:.2f}' for r in al['recall_by_boundary'])}) "
         f"F1 {al['f1']:.3f}" + (f" (against first-colour visits, half a subgoal early: F1 {al['f1_first_colour']:.3f})"
         if "f1_first_colour" in al else "") + f" | beta histogram (0..1, 10 bins) {al['beta_hist']}", **al)
     mcs["mc_forced"] = train_metacontroller(args, model, data, device, log, forced=True, tag="metacontroller-forced",
@@ -1632,7 +1642,7 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
     forced_nll = switch_alignment(model, mcs["mc_forced"], data["dstar_heldout"][:args.n_probe // 2], mid, device)["nll"]
     log("10 metacontroller-forced", f"held-out D* nll {forced_nll:.3f} (beta = 1 at every step)")
     metrics = {"switch_f1": al["f1"], "switch_precision": al["precision"], "switch_recall": al["recall"],
-               "switch_rate": rate, "switch_f1_first_colour": al.get("f1_first_colour"),     # None on the ant
+               "switch_recall_by_boundary": al["recall_by_boundary"], "switch_rate": rate, "switch_f1_first_colour": al.get("f1_first_colour"),     # None on the ant
                "switch_collapse": verdict, "mc_nll": al["nll"], "mc_kl": al["kl"],
                "beta_hist": al["beta_hist"], "beta_examples": al["examples"], "mc_forced_nll": forced_nll,
                "mc_seed": chosen, "mc_candidates": [{"seed": s, "eq3": e, "f1": c["f1"], "switch_rate": c["switch_rate"]}

@@ -406,7 +406,7 @@ def test_end_to_end_tiny_run_and_reuse(tmp_path, capsys):
     res = ir.main(TINY + ["--pretrain-steps", "20", "--out", out])
     for key in ("task", "seed", "device", "wall_time_s", "stage_time_s", "pretrain", "probe_accuracy",
                 "controller_success", "controller_success_pretrain", "base_success", "base_success_pretrain",
-                "switch_f1", "switch_precision", "switch_recall", "switch_rate"):
+                "switch_f1", "switch_precision", "switch_recall", "switch_rate", "switch_recall_by_boundary"):
         assert key in res
     for method in ("token_rl", "internal_rl", "internal_rl_no_temporal"):
         assert res[method]["episodes"] == 32 and len(res[method]["curve"]) == 2 and 0 <= res[method]["success"] <= 1
@@ -747,6 +747,10 @@ def test_boundary_f1_on_a_hand_made_example():
     beta[0, [0, 4, 9]] = 1.0                                                # t = 0 never counts; 4 is within 1 of 3
     out = ir.boundary_f1(beta, g, torch.tensor([10]))
     assert out["precision"] == 0.5 and out["recall"] == 0.5 and abs(out["switch_rate"] - 2 / 9) < 1e-9
+    assert out["recall_by_boundary"] == [1.0, 0.0]                          # it finds the first boundary only
+    two = ir.boundary_f1([[0, 0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0]], [[0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1]],
+                         [7, 7])                                            # episode 2 has one boundary (t = 1)
+    assert two["recall_by_boundary"] == [1.0, 0.0] and two["recall"] == 2 / 3
 
 
 def test_first_colour_segments_mark_only_first_colour_visits():

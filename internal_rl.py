@@ -1601,8 +1601,8 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
 
     With --mc-seeds N, N metacontrollers train from different seeds and the one with the lowest Eq. 3 on
     held-out D*[n_probe/2:n_probe] is kept: a choice without labels, on episodes that the switch alignment
-    (D*[:n_probe/2]) does not score. Seeds matter: on one base model one seed in two switched at the subgoals
-    and the other never switched (README). The forced ablation trains once (it has no switch to find)."""
+    (D*[:n_probe/2]) does not score. Seeds matter: with the same settings on one base model, one seed sends
+    nothing, one the whole task in its first code, one switches (README). The forced ablation trains once."""
     path = os.path.join(args.out, "metacontroller.pt")
     fp = fingerprint(args, "metacontroller")
     mcs = {"mc": MetaController(args).to(device), "mc_forced": MetaController(args).to(device)}
@@ -1642,7 +1642,8 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
     forced_nll = switch_alignment(model, mcs["mc_forced"], data["dstar_heldout"][:args.n_probe // 2], mid, device)["nll"]
     log("10 metacontroller-forced", f"held-out D* nll {forced_nll:.3f} (beta = 1 at every step)")
     metrics = {"switch_f1": al["f1"], "switch_precision": al["precision"], "switch_recall": al["recall"],
-               "switch_recall_by_boundary": al["recall_by_boundary"], "switch_rate": rate, "switch_f1_first_colour": al.get("f1_first_colour"),     # None on the ant
+               "switch_recall_by_boundary": al["recall_by_boundary"], "switch_rate": rate,
+               "switch_f1_first_colour": al.get("f1_first_colour"),                                 # None on the ant
                "switch_collapse": verdict, "mc_nll": al["nll"], "mc_kl": al["kl"],
                "beta_hist": al["beta_hist"], "beta_examples": al["examples"], "mc_forced_nll": forced_nll,
                "mc_seed": chosen, "mc_candidates": [{"seed": s, "eq3": e, "f1": c["f1"], "switch_rate": c["switch_rate"]}

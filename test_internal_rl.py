@@ -459,6 +459,8 @@ def test_corrupt_checkpoint_is_reported_with_the_fix(tmp_path):
     (["--obj-attn", "top"], "--obj-attn must be 'last'"),
     (["--task", "ant", "--obj-attn", "2"], "--obj-attn is for the grid"),
     (["--mc-seeds", "3", "--n-dstar", "100"], "--n-dstar (100) must be at least --n-probe (4000)"),
+    (["--mc-screen", "1.5"], "--mc-screen is a fraction"),
+    (["--mc-screen", "0"], "--mc-screen must be positive"),
 ])
 def test_bad_input_exits_with_one_line(argv, needle):
     with pytest.raises(SystemExit) as e:
@@ -622,10 +624,27 @@ def test_metacontroller_seeds_keep_the_lowest_heldout_eq3(tmp_path):
     eq3 = {c["seed"]: c["eq3"] for c in m["mc_candidates"]}
     assert sorted(eq3) == [0, 1000] and eq3[0] != eq3[1000] and m["mc_seed"] == min(eq3, key=eq3.get)
     # the kept one is that seed's metacontroller, and its Eq. 3 is on held-out D*[n_probe/2:n_probe]
-    again = ir.train_metacontroller(args, model, data, "cpu", log, forced=False, tag="x", seed=m["mc_seed"])
+    again = ir.train_metacontroller(args, model, data, "cpu", log, forced=False, tag="x", seed=m["mc_seed"])["mc"]
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), mcs["mc"].state_dict().values()))
     sel = ir.switch_alignment(model, mcs["mc"], data["dstar_heldout"][16:32], args.n_layer // 2, "cpu")
     assert abs(sel["nll"] + args.alpha * sel["kl"] - eq3[m["mc_seed"]]) < 1e-6
+
+
+def test_metacontroller_screening_continues_the_kept_seed(tmp_path):
+    # --mc-screen 0.5: both seeds train 4 of 8 steps, are compared there, and the kept one trains on to step
+    # 8; stopping and continuing is the same as one uninterrupted run of that seed
+    args = tiny_args(out=str(tmp_path), n_probe=32, mc_seeds=2, mc_steps=8, mc_screen=0.5)
+    torch.manual_seed(0)
+    model = ir.GPT(args).requires_grad_(False).eval()
+    data, log = ir.make_datasets(args), ir.Logger(args.out)
+    mcs, m = ir.metacontroller_stage(args, model, data, "cpu", log)
+    assert m["mc_screen_steps"] == 4
+    half = ir.train_metacontroller(args, model, data, "cpu", log, forced=False, tag="x", seed=m["mc_seed"], until=4)
+    sel = ir.switch_alignment(model, half["mc"], data["dstar_heldout"][16:32], args.n_layer // 2, "cpu")
+    assert abs(sel["nll"] + args.alpha * sel["kl"] - min(c["eq3"] for c in m["mc_candidates"])) < 1e-6
+    full = ir.train_metacontroller(args, model, data, "cpu", log, forced=False, tag="x", seed=m["mc_seed"])["mc"]
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), mcs["mc"].state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(half["mc"].state_dict().values(), full.state_dict().values()))
 
 
 def test_switching_unit_and_policy_are_causal(mc_setup):

@@ -1818,22 +1818,38 @@ def prior_code_diagnostic(model: GPT, mc: MetaController, layer: int, seed: int,
             "distinct_pairs": len({p for _, p in codes if p >= 0}), "top_pairs": [p for _, p in codes]}
 
 
-@torch.no_grad()
-def subgoal_codes(model: GPT, mc: MetaController, episodes: list, layer: int, device):
-    """The mean code z_t (posterior means) the metacontroller uses during each ground-truth subgoal on D*: (K, Z).
+def first_colour_direction(obs, g):
+    """Grid: which way the first colour of pair g lies from the agent, obs (n, 13), g (n,) -> (n,) in
+    0 up, 1 down, 2 left, 3 right (the larger of the row and column offsets; a tie counts as vertical)."""
+    target = obs.gather(1, (gw.N_WALLS + 2 * g)[:, None])[:, 0]          # cells: walls 0..3, colours, agent
+    dr = target // gw.GRID - obs[:, -1] // gw.GRID                        # row offset
+    dc = target % gw.GRID - obs[:, -1] % gw.GRID                          # column offset
+    return torch.where(dr.abs() >= dc.abs(), (dr > 0).long(), 2 + (dc > 0).long())
 
-    Analysis only (it uses the labels): switching these codes by the true subgoal asks whether the
-    learned code space can express the post-training task at all, as section 8 asked of the base model."""
-    K = env_module(model.task).N_SUBGOALS
-    sums = torch.zeros(K, mc.decoder[0].in_features, device=device)                    # (K, Z)
-    counts = torch.zeros(K, device=device)
+
+def code_content(model: GPT, mc: MetaController, episodes: list, layer: int, device) -> dict:
+    """What does a code say? Analysis only (it uses the labels): at the first step of every ground-truth
+    subgoal of held-out D* episodes, the code in force (posterior mean z_t) is probed linearly, fitted on half
+    of those steps and scored on the others, for (a) which subgoal begins there (chance ~0.25) and, on
+    the grid, (b) which way its first colour lies from the agent (up, down, left or right, whichever offset
+    is larger; chance ~0.3). Internal RL needs (a): a policy that picks one code per subgoal. Codes that
+    only say (b), "go that way", mean nothing without the layout, so a code from the prior is a random walk."""
+    zs, goals, ways = [], [], []
     for b in batches_of(episodes, 256, device):
-        e = model.lower(b["obs"], layer)
-        z, _, _ = mc(e, b["mask"].sum(1), sample=False)                                 # (B, T, Z)
-        m = b["mask"]
-        sums.index_add_(0, b["subgoals"][m], z[m])
-        counts += torch.bincount(b["subgoals"][m], minlength=K).float()
-    return sums / counts.clamp(min=1)[:, None]                                           # (K, Z)
+        with torch.no_grad():
+            z, _, _ = mc(model.lower(b["obs"], layer), b["mask"].sum(1), sample=False)     # (B, T, Z)
+        g = b["subgoals"]                                                               # (B, T)
+        start = b["mask"] & torch.cat([torch.ones_like(b["mask"][:, :1]), g[:, 1:] != g[:, :-1]], 1)
+        zs.append(z[start])                                                             # (n, Z)
+        goals.append(g[start])                                                          # (n,)
+        if model.task == "grid":
+            ways.append(first_colour_direction(b["obs"][start], g[start]))
+    z = torch.cat(zs)
+    fit = torch.arange(len(z)) % 2 == 0                      # alternate steps (batches are sorted by length)
+    probe = lambda y: train_probe(z[fit], y[fit], z[~fit], y[~fit], steps=300, lr=5e-2)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return {"subgoal": probe(torch.cat(goals)), "direction": probe(torch.cat(ways)) if ways else None}
 
 
 def internal_rl(args: Args, model: GPT, mc: MetaController, seed: int, device, log: Logger, forced: bool, name: str):
@@ -1866,16 +1882,12 @@ def rl_stage(args: Args, model: GPT, mcs: dict, data: dict, device, log: Logger)
         f"code's most common first pair; consistency {pc['consistency']:.2f} (share of a code's episodes going to "
         f"its most common pair; uncontrolled base model on the same layouts {pc['base_consistency']:.2f})", **pc)
     results["prior_codes"] = pc
-    # ... and the best case for a policy that picks one code per subgoal: the metacontroller's mean code
-    # for each true subgoal, switched by the true subgoal (a diagnostic that uses labels, like section 8).
-    codes = subgoal_codes(model, mcs["mc"], data["dstar_heldout"][:args.n_probe // 2], mid, device)
-    fn = lambda x, g: mcs["mc"].apply(codes[g], x)                                       # g (n, 1) -> z (n, 1, Z)
-    r_pre, r_post = rollout_pair(model, args.n_eval, data["eval_seed"], device, ctrl_fn=fn, ctrl_layer=mid)
-    oc = {"pretrain": r_pre["success"], "posttrain": r_post["success"]}
-    log("11 internal_rl", f"the metacontroller's mean code per true subgoal, switched by the true subgoal: success "
-        f"pretraining tasks {oc['pretrain']:.3f} | post-training task {oc['posttrain']:.3f} (ground-truth controllers, "
-        f"section 8: see above)", **oc)
-    results["oracle_codes"] = oc
+    # ... and what a code says: which subgoal, or only which way to walk? (a probe that uses labels, like section 8)
+    cc = code_content(model, mcs["mc"], data["dstar_heldout"][:args.n_probe // 2], mid, device)
+    log("11 internal_rl", f"what a code says at a subgoal's first step (linear probes of the code, held-out): which "
+        f"subgoal {cc['subgoal']:.2f} (chance ~0.25)" + (f" | which way its first colour lies {cc['direction']:.2f} "
+        f"(chance ~0.3)" if cc["direction"] is not None else ""), **cc)
+    results["code_content"] = cc
     for name in ("token_rl", "internal_rl", "internal_rl_no_temporal"):
         path = os.path.join(args.out, f"{name}.pt")
         tag = f"9 {name}" if name == "token_rl" else f"11 {name}"

@@ -413,6 +413,7 @@ def test_end_to_end_tiny_run_and_reuse(tmp_path, capsys):
     assert len(res["probe_accuracy"]) == 3 and len(res["controller_success"]) == 3
     assert 0 <= res["switch_f1_first_colour"] <= 1                 # the grid also scores switches against first colours
     assert [c["seed"] for c in res["mc_candidates"]] == [0, 1000] and res["mc_seed"] in (0, 1000)   # --mc-seeds 2
+    assert 0 <= res["code_content"]["subgoal"] <= 1 and 0 <= res["code_content"]["direction"] <= 1
     assert json.load(open(os.path.join(out, "results.json")))["seed"] == 0
     for fig in ("controller_success.png", "beta_traces.png", "rl_curves.png", "rl_curves_log.png"):
         assert os.path.exists(os.path.join(out, fig))
@@ -770,6 +771,15 @@ def test_boundary_f1_on_a_hand_made_example():
     two = ir.boundary_f1([[0, 0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0]], [[0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1]],
                          [7, 7])                                            # episode 2 has one boundary (t = 1)
     assert two["recall_by_boundary"] == [1.0, 0.0] and two["recall"] == 2 / 3
+
+
+def test_first_colour_direction_on_a_hand_made_layout():
+    # the agent at (3, 3) = cell 24; colour 2 (pair 1's first colour) up, down, left or right of it, with
+    # the larger offset deciding; a tie counts as vertical
+    obs = torch.zeros(5, 13, dtype=torch.long)
+    obs[:, -1] = 24
+    obs[:, 4 + 2] = torch.tensor([1 * 7 + 2, 6 * 7 + 4, 3 * 7 + 0, 2 * 7 + 6, 5 * 7 + 1])   # (row, col): (1,2) (6,4) (3,0) (2,6) (5,1)
+    assert ir.first_colour_direction(obs, torch.ones(5, dtype=torch.long)).tolist() == [0, 1, 2, 3, 1]
 
 
 def test_first_colour_segments_mark_only_first_colour_visits():

@@ -186,7 +186,7 @@ class Args:
     mc_gumbel: float = arg(0.0, "Gumbel-sigmoid temperature of beta in training, 0 = plain sigmoid (paper: plain; "
                                 "Gumbel for its grid rate-distortion plot)")
     mc_seeds: int = arg(1, "metacontrollers trained (seeds seed, seed + 1000, ...); the one with the lowest held-out "
-                           "Eq. 3 is kept, a label-free choice (grid preset: 3; the paper trains 3, reports their median)")
+                           "Eq. 3 is kept, a label-free choice (grid preset: 6; the paper trains 3, reports their median)")
     mc_screen: float = arg(1.0, "with --mc-seeds > 1: fraction of --mc-steps every seed trains before the choice; the "
                                 "kept one then trains on to --mc-steps (1 = every seed trains fully)")
     # -- internal RL (section 11) --
@@ -1494,7 +1494,7 @@ class MetaController(nn.Module):
 def with_residuals(model: GPT, episodes: list, layer: int, device) -> list:
     """The episodes with e_{t,layer} of the frozen model attached (key "e", (T, D) each). A controller at
     ``layer`` never changes e_{t,layer} itself, and the base model never trains, so the metacontroller's
-    input can be computed once per episode instead of once per batch (~12% of a training step)."""
+    input can be computed once per episode instead of once per batch (~11% of a training step)."""
     order = sorted(range(len(episodes)), key=lambda i: len(episodes[i]["actions"]))
     out = [None] * len(episodes)
     for k in range(0, len(order), 256):
@@ -1641,9 +1641,9 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
     held-out D*[n_probe/2:n_probe] is kept: a choice without labels, on episodes that the switch alignment
     (D*[:n_probe/2]) does not score. Seeds matter: on one base model and with the same settings, some seeds
     send nothing, some the whole task in the first code, some switch at only one of two boundaries, and
-    some at every subgoal boundary, which also has the lowest Eq. 3; more steps do not move a seed from one
-    of these optima to another (README). So the grid screens six seeds at half their steps (--mc-screen
-    0.5) and trains the kept one on. The forced ablation trains once."""
+    some at every subgoal boundary, which also has the lowest Eq. 3, already half-way; 1,000 more steps did
+    not move a first-boundary-only seed (README). So the grid screens six seeds at half their steps
+    (--mc-screen 0.5) and trains the kept one on. The forced ablation trains once."""
     path = os.path.join(args.out, "metacontroller.pt")
     fp = fingerprint(args, "metacontroller")
     mcs = {"mc": MetaController(args).to(device), "mc_forced": MetaController(args).to(device)}

@@ -1610,7 +1610,9 @@ def train_metacontroller(args: Args, model: GPT, data: dict, device, log: Logger
         mc = MetaController(args).to(device)
         opt = torch.optim.AdamW(mc.parameters(), lr=args.mc_lr, weight_decay=args.weight_decay)
         rng = np.random.default_rng(seed + (300 if forced else 200))
-        episodes = with_residuals(model, data["dstar_train"], args.n_layer // 2, device)
+        episodes = data["dstar_train"]
+        if "e" not in episodes[0]:                  # (the metacontroller stage attaches them once for all seeds)
+            episodes = with_residuals(model, episodes, args.n_layer // 2, device)
         stream = bucketed_batches(rng, sample_from(rng, episodes), args.mc_batch, args.bucket_batches, device)
         run = {"mc": mc, "opt": opt, "stream": stream, "step": 0, "seed": seed}
     mc, opt, mid, t0, start = run["mc"], run["opt"], args.n_layer // 2, time.time(), run["step"]
@@ -1654,6 +1656,7 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
         log("10 metacontroller", f"reusing {path}")
         return mcs, ck["metrics"]
     t0, mid = time.time(), args.n_layer // 2
+    data = {**data, "dstar_train": with_residuals(model, data["dstar_train"], mid, device)}   # once, for every seed
     # Screening: every seed trains to step `screen` (all of --mc-steps unless --mc-screen < 1); the one with
     # the lowest held-out Eq. 3 there is kept and, if it stopped early, continues to --mc-steps.
     screen = max(1, round(args.mc_screen * args.mc_steps)) if args.mc_seeds > 1 else args.mc_steps

@@ -179,16 +179,17 @@ class Args:
     n_z: int = arg(8, "size of the controller code z (Table A9: 8)")
     mc_hidden: int = arg(32, "history GRU, sequence embedding and decoder hidden sizes (Table A9: 32)")
     mc_enc_hidden: int = arg(64, "encoder and switching-unit MLP hidden size (Table A9: encoder 64)")
-    mc_steps: int = arg(2000, "metacontroller optimiser steps (Table A9: 64,000 at batch 512)")
+    mc_steps: int = arg(2000, "metacontroller optimiser steps (grid preset: 3000; Table A9: 64,000 at batch 512)")
     mc_batch: int = arg(128, "D* episodes per metacontroller batch")
     mc_lr: float = arg(3e-3, "metacontroller learning rate (Table A9: 1e-3)")
-    mc_kl_warmup: float = arg(0.3, "fraction of the steps over which alpha ramps up from 0 (the paper: none)")
+    mc_kl_warmup: float = arg(0.3, "fraction of the steps over which alpha ramps up from 0 (grid preset: 0.2, i.e. 600 "
+                                  "steps; the paper: none)")
     mc_gumbel: float = arg(0.0, "Gumbel-sigmoid temperature of beta in training, 0 = plain sigmoid (paper: plain; "
                                 "Gumbel for its grid rate-distortion plot)")
     mc_seeds: int = arg(1, "metacontrollers trained (seeds seed, seed + 1000, ...); the one with the lowest held-out "
                            "Eq. 3 is kept, a label-free choice (grid preset: 6; the paper trains 3, reports their median)")
     mc_screen: float = arg(1.0, "with --mc-seeds > 1: fraction of --mc-steps every seed trains before the choice; the "
-                                "kept one then trains on to --mc-steps (1 = every seed trains fully)")
+                                "kept one then trains on to --mc-steps (1 = every seed trains fully; grid preset: 1/3)")
     # -- internal RL (section 11) --
     irl_lr: float = arg(1e-3, "AdamW learning rate of the internal-RL policy (Table A13: 3e-5 after a scan)")
     irl_hidden: int = arg(64, "GRU width of the causal z-policy (Table A13: a 1-layer SSM of width 256)")
@@ -1645,9 +1646,10 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
     held-out D*[n_probe/2:n_probe] is kept: a choice without labels, on episodes that the switch alignment
     (D*[:n_probe/2]) does not score. Seeds matter: on one base model and with the same settings, some seeds
     send nothing, some the whole task in the first code, some switch at only one of two boundaries, and
-    some at every subgoal boundary, which also has the lowest Eq. 3, already half-way; 1,000 more steps did
-    not move a first-boundary-only seed (README). So the grid screens six seeds at half their steps
-    (--mc-screen 0.5) and trains the kept one on. The forced ablation trains once."""
+    some at every subgoal boundary, which also has the lowest Eq. 3, already at 1,000 steps; 1,000 more
+    steps did not move a first-boundary-only seed, but a kept seed still finding its second boundary found
+    it by 3,000 (README). So the grid preset screens six seeds at 1,000 steps (--mc-screen 1/3 of --mc-steps
+    3000) and trains the kept one on to 3,000. The forced ablation trains once."""
     path = os.path.join(args.out, "metacontroller.pt")
     fp = fingerprint(args, "metacontroller")
     mcs = {"mc": MetaController(args).to(device), "mc_forced": MetaController(args).to(device)}

@@ -39,12 +39,12 @@ Outputs go to ``--out`` (default ``runs/<task>-seed<seed>``): checkpoints (``*.p
 reuses every finished stage; changing a setting retrains the stages it affects and everything after.
 
 What to expect (2-core CPU, defaults; the README has the measured tables and what they mean)
-    Grid: ~35 min for every stage on a fast day (up to ~1.8x longer on a slow one). The current subgoal becomes
+    Grid: ~36 min for every stage on a fast day (up to ~1.8x longer on a slow one). The current subgoal becomes
     linearly decodable mid-depth (probe ~0.38 at the input -> ~0.57-0.58 at layer L/2, chance 0.25) and
     ground-truth controllers steer the pretraining tasks (success 0.72-0.75, base model 0.06-0.08), but the
     post-training task's unseen subgoal order only rarely (0.00-0.09). The kept metacontroller of six
-    switches at the subgoal boundaries on seed 0 (switch F1 0.99; seeds 1-2: 0.14, 0.84), but its codes name
-    a direction, not a subgoal, and no RL method has solved the task at CPU scale.
+    switches at the subgoal boundaries on seeds 0 and 2 (switch F1 1.00, 0.98; seed 1: 0.14), but its codes
+    name a direction, not a subgoal, and no RL method has solved the task at CPU scale.
     Ant: every stage in ~60 min, but no subgoal code emerges yet (probes at chance), so the stages after
     pretraining have nothing to steer with (README).
 

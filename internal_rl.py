@@ -39,7 +39,7 @@ Outputs go to ``--out`` (default ``runs/<task>-seed<seed>``): checkpoints (``*.p
 reuses every finished stage; changing a setting retrains the stages it affects and everything after.
 
 What to expect (2-core CPU, defaults; the README has the measured tables and what they mean)
-    Grid: ~36 min for every stage on a fast day (up to ~1.8x longer on a slow one). The current subgoal becomes
+    Grid: ~35 min for every stage on a fast day (up to ~1.8x longer on a slow one). The current subgoal becomes
     linearly decodable mid-depth (probe ~0.38 at the input -> ~0.57-0.58 at layer L/2, chance 0.25) and
     ground-truth controllers steer the pretraining tasks (success 0.72-0.75, base model 0.06-0.08), but the
     post-training task's unseen subgoal order only rarely (0.00-0.09). The kept metacontroller of six

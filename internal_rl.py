@@ -43,7 +43,7 @@ What to expect (2-core CPU, defaults; the README has the measured tables and wha
     linearly decodable mid-depth (probe ~0.38 at the input -> ~0.57-0.58 at layer L/2, chance 0.25) and
     ground-truth controllers steer the pretraining tasks (success 0.72-0.75, base model 0.06-0.08), but the
     post-training task's unseen subgoal order only rarely (0.00-0.09). The kept metacontroller of six
-    switches at the subgoal boundaries on seeds 0 and 2 (switch F1 1.00, 0.98; seed 1: 0.14), but its codes
+    switches at the subgoal boundaries on seeds 0 and 2 (switch F1 0.998, 0.984; seed 1: 0.14), but its codes
     name a direction, not a subgoal, and no RL method has solved the task at CPU scale.
     Ant: every stage in ~60 min, but no subgoal code emerges yet (probes at chance), so the stages after
     pretraining have nothing to steer with (README).
@@ -76,7 +76,8 @@ Deliberate choices and deviations from the paper (the README gives the reasons a
     * Object attention (grid, --obj-attn): the top block also attends over the current step's objects (section 4).
     * Next-observation loss: cross-entropy on the agent's next cell (the only part of o_{t+1} that changes).
     * Shorter schedules, larger learning rates than Tables A4/A6/A7/A9 (values in Args); alpha ramps up over
-      the first 600 metacontroller steps on the grid (without it the posterior collapsed). RL: 24,576 episodes each.
+      the first 600 metacontroller steps on the grid, 30% of them on the ant (without it the posterior
+      collapsed). RL: 24,576 episodes each.
     * Sequence embedder, history GRU and z-policy are GRUs (the paper: Hawk SSMs).
     * Grid: six metacontroller seeds screened at 1,000 steps, the lowest held-out Eq. 3 kept and trained on
       to 3,000 for RL (the paper trains 3 and reports their median).
@@ -1648,8 +1649,8 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
     send nothing, some the whole task in the first code, some switch at only one of two boundaries, and
     some at every subgoal boundary, which also has the lowest Eq. 3, already at 1,000 steps; 1,000 more
     steps did not move a first-boundary-only seed, but a kept seed still finding its second boundary found
-    it by 3,000 (README). So the grid preset screens six seeds at 1,000 steps (--mc-screen 1/3 of --mc-steps
-    3000) and trains the kept one on to 3,000. The forced ablation trains once."""
+    it by 3,000 (README). So the grid preset screens six seeds at 1,000 steps (mc_screen=1/3 of mc_steps=3000)
+    and trains the kept one on to 3,000. The forced ablation trains once."""
     path = os.path.join(args.out, "metacontroller.pt")
     fp = fingerprint(args, "metacontroller")
     mcs = {"mc": MetaController(args).to(device), "mc_forced": MetaController(args).to(device)}

@@ -168,6 +168,8 @@ class Args:
     ctrl_layers: str = arg("all", "layers to train controllers at: 'all' (0..L), 'mid' (L/2) or a comma list, e.g. '1,2'")
     n_eval: int = arg(500, "evaluation episodes per task family (pretraining tasks / post-training task)")
     greedy: bool = arg(False, "evaluate with argmax actions instead of sampling (the paper samples)")
+    ctrl_oracle: bool = arg(True, "grid diagnostic, not the paper's protocol: also train controllers at L/2 on D* plus "
+                                  "expert episodes of the post-training task (is the model steerable there at all?)")
     # -- the RL toolkit and token-level RL (section 9) --
     rl_episodes: int = arg(24576, "training episodes per RL method (all three get the same budget)")
     rl_batch: int = arg(256, "episodes per RL batch B (Table A13: 1024)")
@@ -341,7 +343,7 @@ STAGE_FIELDS = {
                  "cooldown", "weight_decay", "obs_coef", "grad_clip"),
     "probe": ("n_dstar", "n_probe", "probe_steps", "probe_lr"),
     "controllers": ("n_dstar", "n_probe", "ctrl_rank", "ctrl_steps", "ctrl_batch", "ctrl_lr", "ctrl_layers",
-                    "n_eval", "greedy"),                     # (n_probe: they are scored on held-out D*[:n_probe // 2])
+                    "n_eval", "greedy", "ctrl_oracle"),                     # (n_probe: they are scored on held-out D*[:n_probe // 2])
     "metacontroller": ("n_dstar", "n_probe", "alpha", "n_z", "mc_hidden", "mc_enc_hidden", "ctrl_rank", "mc_steps",
                        "mc_batch", "mc_lr", "mc_kl_warmup", "mc_gumbel", "bucket_batches", "mc_seeds",
                        "mc_screen"),
@@ -1244,6 +1246,23 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
             f"({post['colours']:.1f} of {len(post_task)} colours, failed {post['wrong_colour']:.2f}) "
             f"| {eta(t0, layers.index(layer) + 1, len(layers))}", layer=layer, pretrain=pre["success"],
             posttrain=post["success"])
+    # Diagnostic (grid; not the paper's protocol, which trains on D* only): controllers at L/2 trained on D*
+    # plus as many expert episodes of the post-training task itself. If these steer the novel order and the D*
+    # controllers do not, the base model *can* be steered there by a linear edit at L/2, and what fails is the
+    # D* controllers' transfer: D* never shows a subgoal that the history rules out (README "What mattered").
+    oracle = {}
+    if args.ctrl_oracle and args.task == "grid" and args.n_layer // 2 in per_layer:
+        mid, n = args.n_layer // 2, args.n_dstar // 2
+        rng = np.random.default_rng(np.random.SeedSequence(args.seed).spawn(6)[5])   # a stream no other set uses
+        mixed = [ep for pair in zip(data["dstar_train"][:n], generate_episodes(rng, n, [post_task], 0.0)) for ep in pair]
+        torch.manual_seed(args.seed + 5)
+        ctrl = train_controllers(args, model, mid, mixed, device, log)
+        o_pre, o_post = rollout_pair(model, ctrl_fn=lambda x, g: ctrl(x, g), ctrl_layer=mid, **ev)
+        oracle = {"controller_success_oracle": o_post["success"], "controller_success_oracle_pretrain": o_pre["success"]}
+        log("8 controllers", f"layer {mid}, diagnostic: controllers trained on D* + post-training expert episodes "
+            f"(not the protocol): success pretraining tasks {o_pre['success']:.3f} | post-training task "
+            f"{o_post['success']:.3f}, completed subgoal k: {' '.join(f'{p:.2f}' for p in o_post['subgoal_pass'])} "
+            f"(D* controllers: {per_layer[mid]['posttrain']['success']:.3f})", **oracle)
     by_layer = lambda f: [f(per_layer[l]) if l in per_layer else None for l in range(args.n_layer + 1)]
     metrics = {
         "base_success": base_post["success"], "base_success_pretrain": base_pre["success"],
@@ -1254,7 +1273,7 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
         "controller_nll": by_layer(lambda r: r["nll"]),
         "controller_rollouts": {str(l): v for l, v in per_layer.items()},
         "base_rollouts": {"pretrain": base_pre, "posttrain": base_post},
-        "eval_episodes": args.n_eval, "eval_greedy": args.greedy, "train_time_s": time.time() - t0,
+        "eval_episodes": args.n_eval, "eval_greedy": args.greedy, "train_time_s": time.time() - t0, **oracle,
     }
     save_ckpt(path, {"fingerprint": fp, "metrics": metrics, "controllers": states})
     return metrics
@@ -1991,6 +2010,9 @@ def make_figures(args: Args, results: dict) -> list:
                               ("controller_success", "post-training task", "C3")):
             xs = [l for l in range(L1) if results[key][l] is not None]
             ax.plot(xs, [results[key][l] for l in xs], "o-", color=c, label=f"controllers, {label}")
+        if "controller_success_oracle" in results:      # the diagnostic of section 8 (not the protocol)
+            ax.plot([L1 // 2], [results["controller_success_oracle"]], "*", ms=10, color="C3",
+                    label="trained with post-training episodes (diagnostic)")
         ax.axhline(results["base_success_pretrain"], ls="--", color="C0", alpha=0.6, label="base alone, pretraining")
         ax.axhline(results["base_success"], ls="--", color="C3", alpha=0.6, label="base alone, post-training")
         ax.set(xlabel="controlled layer l", ylabel="success rate", title="Ground-truth subgoal controllers",

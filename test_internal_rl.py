@@ -412,6 +412,7 @@ def test_end_to_end_tiny_run_and_reuse(tmp_path, capsys):
         assert res[method]["episodes"] == 32 and len(res[method]["curve"]) == 2 and 0 <= res[method]["success"] <= 1
     assert len(res["probe_accuracy"]) == 3 and len(res["controller_success"]) == 3
     assert 0 <= res["switch_f1_first_colour"] <= 1                 # the grid also scores switches against first colours
+    assert 0 <= res["controller_success_oracle"] <= 1 and 0 <= res["controller_success_oracle_pretrain"] <= 1
     assert [c["seed"] for c in res["mc_candidates"]] == [0, 1000] and res["mc_seed"] in (0, 1000)   # --mc-seeds 2
     assert 0 <= res["code_content"]["subgoal"] <= 1 and 0 <= res["code_content"]["direction"] <= 1
     assert json.load(open(os.path.join(out, "results.json")))["seed"] == 0
@@ -543,6 +544,7 @@ def test_ant_tiny_run_of_every_stage_and_reuse(tmp_path, capsys, monkeypatch, an
     out = str(tmp_path / "ant")
     r = ir.main(ANT_TINY + ["--pretrain-steps", "3", "--out", out])
     assert r["task"] == "ant" and len(r["probe_accuracy"]) == 3 and r["controller_success"][1] is not None
+    assert "controller_success_oracle" not in r                     # a grid-only diagnostic
     assert "heldout_mse" in r["pretrain"] and os.path.exists(os.path.join(out, "data.pt"))
     assert 0 <= r["expert_success_posttrain"] <= 1 and 0 < r["expert_success_pretrain"] <= 1
     assert 0 <= r["switch_f1"] <= 1 and r["internal_rl"]["episodes"] == r["token_rl"]["episodes"] == 4

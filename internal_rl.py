@@ -42,7 +42,8 @@ What to expect (2-core CPU, defaults; the README has the measured tables and wha
     Grid: ~35 min for every stage on a fast day (up to ~1.8x longer on a slow one). The current subgoal becomes
     linearly decodable mid-depth (probe ~0.38 at the input -> ~0.57-0.58 at layer L/2, chance 0.25) and
     ground-truth controllers steer the pretraining tasks (success 0.72-0.75, base model 0.06-0.08), but the
-    post-training task's unseen subgoal order only rarely (0.00-0.09). The kept metacontroller of six
+    post-training task's unseen subgoal order only rarely (0.00-0.09), although controllers that also saw
+    post-training episodes (a logged diagnostic) steer it in ~0.5 of episodes. The kept metacontroller of six
     switches at the subgoal boundaries on seeds 0 and 2 (switch F1 0.998, 0.984; seed 1: 0.14), but its codes
     name a direction, not a subgoal, and no RL method has solved the task at CPU scale.
     Ant: every stage in ~60 min, but no subgoal code emerges yet (probes at chance), so the stages after

@@ -344,7 +344,7 @@ STAGE_FIELDS = {
                  "cooldown", "weight_decay", "obs_coef", "grad_clip"),
     "probe": ("n_dstar", "n_probe", "probe_steps", "probe_lr"),
     "controllers": ("n_dstar", "n_probe", "ctrl_rank", "ctrl_steps", "ctrl_batch", "ctrl_lr", "ctrl_layers",
-                    "n_eval", "greedy", "ctrl_oracle"),                     # (n_probe: they are scored on held-out D*[:n_probe // 2])
+                    "n_eval", "greedy", "ctrl_oracle"),      # (n_probe: they are scored on held-out D*[:n_probe // 2])
     "metacontroller": ("n_dstar", "n_probe", "alpha", "n_z", "mc_hidden", "mc_enc_hidden", "ctrl_rank", "mc_steps",
                        "mc_batch", "mc_lr", "mc_kl_warmup", "mc_gumbel", "bucket_batches", "mc_seeds",
                        "mc_screen"),
@@ -1258,7 +1258,7 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
         mixed = [ep for pair in zip(data["dstar_train"][:n], generate_episodes(rng, n, [post_task], 0.0)) for ep in pair]
         torch.manual_seed(args.seed + 5)
         ctrl = train_controllers(args, model, mid, mixed, device, log)
-        o_pre, o_post = rollout_pair(model, ctrl_fn=lambda x, g: ctrl(x, g), ctrl_layer=mid, **ev)
+        o_pre, o_post = rollout_pair(model, ctrl_fn=ctrl, ctrl_layer=mid, **ev)
         oracle = {"controller_success_oracle": o_post["success"], "controller_success_oracle_pretrain": o_pre["success"]}
         log("8 controllers", f"layer {mid}, diagnostic: controllers trained on D* + post-training expert episodes "
             f"(not the protocol): success pretraining tasks {o_pre['success']:.3f} | post-training task "

@@ -46,7 +46,7 @@ What to expect (2-core CPU, defaults; the README has the measured tables and wha
     post-training episodes (a logged diagnostic) steer it in ~0.5 of episodes. The kept metacontroller of six
     switches at the subgoal boundaries on seeds 0 and 2 (switch F1 0.998, 0.984; seed 1: 0.14), but its codes
     name a direction, not a subgoal, and no RL method has solved the task at CPU scale.
-    Ant: every stage in ~60 min, but no subgoal code emerges yet (probes at chance), so the stages after
+    Ant: every stage in 27-60 min, by the day, but no subgoal code emerges yet (probes at chance), so the stages after
     pretraining have nothing to steer with (README).
 
 Table of contents (the section banners below carry the same numbers; log lines are prefixed with them)
@@ -208,7 +208,8 @@ TASK_PRESETS = {
     "grid": dict(obj_attn="last", mc_seeds=6, mc_screen=1 / 3, mc_steps=3000, mc_kl_warmup=0.2),
     # The ant: D is a stored set (section 3); episodes are ~270 steps, so batches hold fewer; controllers and
     # the metacontroller's decoder are full rank (Table A8).
-    # Sized to finish every stage in ~55 of the 60 minutes on a 2-core CPU (README).
+    # Sized for the 60 minutes on a 2-core CPU: every stage took 59.7 min on a slow day, 27.1 on a
+    # fast one (README).
     "ant": dict(n_train=2500, action_noise=0.03, n_heldout=200, n_dstar=400, n_embd=128, batch_size=16,
                 pretrain_steps=2000, lr=1e-3, obs_coef=0.0, eval_every=500, log_every=100, quick_probe_episodes=200,
                 n_probe=400, ctrl_rank=0, ctrl_batch=16, ctrl_steps=400, ctrl_layers="mid", n_eval=100,

@@ -83,7 +83,8 @@ Deliberate choices and deviations from the paper (the README gives the reasons a
     * Grid: six metacontroller seeds screened at 1,000 steps, the lowest held-out Eq. 3 kept and trained on
       to 3,000 for RL (the paper trains 3 and reports their median).
     * The ant (ant_tasks.py): the same transformer (paper: a Hawk SSM) with a linear input embedding and a
-      Gaussian action head; a hand-designed expert (paper: PPO); full-rank controllers and decoder (Table A8).
+      Gaussian action head, no next-observation loss (Table A5: lambda 10); a hand-designed expert (paper:
+      PPO); full-rank controllers and decoder (Table A8).
 """
 from __future__ import annotations
 
@@ -201,10 +202,8 @@ class Args:
 
 # Per-task defaults: everything not listed here takes the dataclass default above.
 TASK_PRESETS = {
-    # The grid: object attention in the top block (section 4; README "What mattered"); six metacontroller
-    # seeds screened at 1,000 steps, the lowest held-out Eq. 3 kept and trained on to 3,000 (section 10;
-    # README): a kept seed still finding its second boundary at 2,000 finds it by 3,000. The KL warm-up
-    # stays 600 steps (0.2 x 3,000 = 0.3 x 2,000), so the screening is the same as at 2,000 steps.
+    # The grid: object attention in the top block (section 4); six metacontroller seeds screened at 1,000
+    # steps, the kept one trained on to 3,000 (section 10); the KL warm-up stays 600 steps (0.2 x 3,000).
     "grid": dict(obj_attn="last", mc_seeds=6, mc_screen=1 / 3, mc_steps=3000, mc_kl_warmup=0.2),
     # The ant: D is a stored set (section 3); episodes are ~270 steps, so batches hold fewer; controllers and
     # the metacontroller's decoder are full rank (Table A8).
@@ -1225,11 +1224,10 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
     for layer in layers:
         ctrl = train_controllers(args, model, layer, data["dstar_train"], device, log)
         nll = controlled_nll(model, ctrl, layer, data["dstar_heldout"][:args.n_probe // 2], device)
-        fn = lambda x, g, c=ctrl: c(x, g)
-        pre, post = rollout_pair(model, ctrl_fn=fn, ctrl_layer=layer, **ev)
+        pre, post = rollout_pair(model, ctrl_fn=ctrl, ctrl_layer=layer, **ev)
         per_layer[layer] = {"nll": nll, "pretrain": pre, "posttrain": post}
         if layer == args.n_layer // 2 and not args.greedy:      # diagnostic: the same controllers, argmax actions
-            pre_g, post_g = rollout_pair(model, ctrl_fn=fn, ctrl_layer=layer, **{**ev, "greedy": True})
+            pre_g, post_g = rollout_pair(model, ctrl_fn=ctrl, ctrl_layer=layer, **{**ev, "greedy": True})
             per_layer[layer].update(pretrain_greedy=pre_g["success"], posttrain_greedy=post_g["success"])
             log("8 controllers", f"layer {layer}, argmax actions instead of sampling (diagnostic): pretraining tasks "
                 f"{pre_g['success']:.3f} | post-training task {post_g['success']:.3f}")
@@ -1666,12 +1664,10 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
 
     With --mc-seeds N, N metacontrollers train from different seeds and the one with the lowest Eq. 3 on
     held-out D*[n_probe/2:n_probe] is kept: a choice without labels, on episodes that the switch alignment
-    (D*[:n_probe/2]) does not score. Seeds matter: on one base model and with the same settings, some seeds
-    send nothing, some the whole task in the first code, some switch at only one of two boundaries, and
-    some at every subgoal boundary, which also has the lowest Eq. 3, already at 1,000 steps; 1,000 more
-    steps did not move a first-boundary-only seed, but a kept seed still finding its second boundary found
-    it by 3,000 (README). So the grid preset screens six seeds at 1,000 steps (mc_screen=1/3 of mc_steps=3000)
-    and trains the kept one on to 3,000. The forced ablation trains once."""
+    (D*[:n_probe/2]) does not score. Seeds matter: with the same settings some send nothing, some the whole
+    task in the first code, and some switch at every subgoal boundary, which also gives the lowest Eq. 3,
+    already at 1,000 steps (README). So the grid preset screens six seeds for mc_screen = 1/3 of
+    mc_steps = 3,000 and trains the kept one on. The forced ablation trains once."""
     path = os.path.join(args.out, "metacontroller.pt")
     fp = fingerprint(args, "metacontroller")
     mcs = {"mc": MetaController(args).to(device), "mc_forced": MetaController(args).to(device)}

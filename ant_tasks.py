@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import tempfile
 import time
 from collections import deque
@@ -28,6 +29,8 @@ from collections import deque
 import numpy as np
 import gymnasium as gym
 from gymnasium import spaces
+
+from gridworld import check_max_steps, check_stepping, check_task     # the same input rules as the grid
 
 # Headless machines (no X display) render MuJoCo through EGL; without this, MuJoCo tries GLFW and fails.
 # Must be set before MuJoCo is imported (it is imported lazily, by the env). An explicit MUJOCO_GL wins.
@@ -245,6 +248,9 @@ class AntPinpadEnv(gym.Env):
     ``task``: a tuple of colours, or None (then a pretraining task is sampled at every reset);
     ``reset(options={"task": ...})`` overrides it for one episode. ``render_mode``: "rgb_array" (a top
     view of the arena, ``width`` x ``height`` pixels) or None.
+    Nothing is coerced: a task that is not a non-empty sequence of ints in range with no colour twice in a
+    row, an invalid action, or a non-positive ``max_steps`` is a ``ValueError``; ``step()`` before ``reset()``
+    or after the episode has ended is a ``RuntimeError``.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
@@ -255,9 +261,11 @@ class AntPinpadEnv(gym.Env):
             from gymnasium.envs.mujoco.ant_v5 import AntEnv
         except (ImportError, gym.error.DependencyNotInstalled) as e:
             raise ImportError(f"ant-pinpad needs MuJoCo: pip install 'gymnasium[mujoco]' mujoco ({e})") from e
-        self.default_task = None if task is None else self._check_task(task)
+        self.default_task = None if task is None else check_task(task, N_COLOURS)
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.render_mode = render_mode
-        self.max_steps = max_steps
+        self.max_steps = check_max_steps(max_steps)
         camera = {"distance": 2.3 * GRID * CELL_SIZE, "elevation": -90.0, "azimuth": 90.0,
                   "lookat": np.zeros(3), "trackbodyid": -1}
         # The inner Ant-v5 does physics and rendering only; its reward and termination are not used.
@@ -269,19 +277,12 @@ class AntPinpadEnv(gym.Env):
         self._tiles = [self.ant.model.geom(f"tile{i}").id for i in range(N_CELLS)]
         self.task: tuple = PRETRAIN_TASKS[0]
         self.colour_cells, self.wall, self.cell = [0, 1, 2, 3], 4, 5
-        self.progress, self.t, self.end_reason = 0, 0, ""
-
-    @staticmethod
-    def _check_task(task) -> tuple:
-        task = tuple(int(c) for c in task)
-        if not task or any(not 0 <= c < N_COLOURS for c in task):
-            raise ValueError(f"a task is a non-empty sequence of colours 0..{N_COLOURS - 1}, got {task}")
-        return task
+        self.progress, self.t, self.end_reason, self.ended = 0, 0, "", None   # ended: None before the first reset
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         if options and options.get("task") is not None:
-            self.task = self._check_task(options["task"])
+            self.task = check_task(options["task"], N_COLOURS)
         elif self.default_task is not None:
             self.task = self.default_task
         else:
@@ -301,11 +302,18 @@ class AntPinpadEnv(gym.Env):
         qpos[7:] += rng.uniform(-0.1, 0.1, 8)
         qvel = rng.uniform(-0.1, 0.1, ant.model.nv)
         ant.set_state(qpos, qvel)
-        self.cell, self.progress, self.t, self.end_reason = start, 0, 0, ""
+        self.cell, self.progress, self.t, self.end_reason, self.ended = start, 0, 0, "", False
         return self._obs(), self._info()
 
     def step(self, action):
-        action = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
+        check_stepping(self.ended)
+        try:
+            action = np.asarray(action, dtype=np.float64)
+        except (TypeError, ValueError):
+            action = None
+        if action is None or action.shape != (8,) or not np.isfinite(action).all():
+            raise ValueError("an action is 8 finite torques (values outside [-1, 1] are clipped)")
+        action = np.clip(action, -1.0, 1.0)
         self.ant.do_simulation(action, self.ant.frame_skip)
         self.t += 1
         xy, z = self.ant.data.qpos[:2], self.ant.data.qpos[2]
@@ -327,6 +335,7 @@ class AntPinpadEnv(gym.Env):
         terminated = bool(end)
         truncated = self.t >= self.max_steps and not terminated
         self.end_reason = end or ("time-out" if truncated else "")
+        self.ended = terminated or truncated
         return self._obs(), reward, terminated, truncated, self._info()
 
     @property
@@ -513,7 +522,8 @@ def generate_dataset(sets: dict, workers: int, log=print) -> tuple:
         for j, child in enumerate(ss.spawn(-(-n // DATA_CHUNK))):
             jobs.append((name, (int(child.generate_state(1)[0]), min(DATA_CHUNK, n - DATA_CHUNK * j), noise, post)))
     eps, wins, tries = {name: [] for name in sets}, dict.fromkeys(sets, 0), dict.fromkeys(sets, 0)
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    # Workers ignore Ctrl-C: the main process alone stops (one line, no traceback per worker) and ends the pool.
+    with multiprocessing.get_context("fork").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
         for i, (out, n_try, n_win) in enumerate(pool.imap(expert_chunk, [job for _, job in jobs])):
             name = jobs[i][0]
             eps[name], tries[name], wins[name] = eps[name] + out, tries[name] + n_try, wins[name] + n_win
@@ -532,18 +542,38 @@ if "AntPinpad-v0" not in gym.registry:
 
 if __name__ == "__main__":
     import argparse
+    import sys
     p = argparse.ArgumentParser(description="Evaluate the ant-pinpad expert (and save a picture of the arena).")
-    p.add_argument("--episodes", type=int, default=200, help="episodes per task family")
+    p.add_argument("--episodes", type=int, default=200, help="episodes per task family (0: only the picture)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=0.0, help="action noise std (dataset D uses a little)")
     p.add_argument("--picture", default="", help="also save a top view of one arena to this PNG path")
     a = p.parse_args()
+
+    def writable(folder: str) -> bool:
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                return True
+        except OSError:
+            return False
+    folder = os.path.dirname(os.path.abspath(a.picture))
+    problem = ("--episodes must be non-negative" if a.episodes < 0 else
+               "--seed must be non-negative" if a.seed < 0 else
+               f"--noise must be a finite non-negative number, got {a.noise}" if not 0 <= a.noise < float("inf") else
+               f"--picture must name a .png file, got {a.picture!r}" if a.picture and not a.picture.lower().endswith(".png")
+               else f"--picture: cannot write into {folder}" if a.picture and not writable(folder) else "")
+    if problem:
+        sys.exit(f"ant_tasks.py: error: {problem}")
     if a.episodes > 0:
         t0 = time.time()
         evaluate_expert(a.episodes, a.seed, a.noise)
         print(f"{time.time() - t0:.0f}s")
     if a.picture:
         import matplotlib.pyplot as plt
-        env = AntPinpadEnv(render_mode="rgb_array")
-        env.reset(seed=a.seed)
-        plt.imsave(a.picture, env.render())
+        try:
+            env = AntPinpadEnv(render_mode="rgb_array")
+            env.reset(seed=a.seed)
+            plt.imsave(a.picture, env.render())
+        except Exception as e:  # noqa: BLE001 -- MuJoCo without an OpenGL backend, or a failed write
+            sys.exit(f"ant_tasks.py: error: cannot save {a.picture} ({type(e).__name__}: {str(e)[:100]}); a headless "
+                     f"machine needs MUJOCO_GL=egl")

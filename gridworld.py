@@ -63,6 +63,31 @@ def subgoal_of(colour: int) -> int:
     return colour // 2
 
 
+def check_task(task, n_colours: int) -> tuple:
+    """A task as a tuple of ints; anything but a non-empty sequence of ints (Python or numpy) in 0..n_colours-1
+    with no colour twice in a row is a ValueError naming the rule (nothing is coerced: "012", 1.7, True)."""
+    ints = not isinstance(task, (str, bytes)) and hasattr(task, "__len__") and len(task) > 0 and all(
+        isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_)) for c in task)
+    if not ints or any(not 0 <= c < n_colours for c in task) or any(a == b for a, b in zip(task, task[1:])):
+        raise ValueError(f"a task is a non-empty sequence of ints 0..{n_colours - 1} (the colours, in order) with no "
+                         f"colour twice in a row, got {task!r}")
+    return tuple(int(c) for c in task)
+
+
+def check_max_steps(max_steps) -> int:
+    if isinstance(max_steps, (bool, np.bool_)) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+    return int(max_steps)
+
+
+def check_stepping(ended) -> None:
+    """step() needs a running episode: after reset(), before the episode has ended."""
+    if ended is None:
+        raise RuntimeError("call reset() before step()")
+    if ended:
+        raise RuntimeError("the episode has ended (terminated or truncated); call reset() to start a new one")
+
+
 # ---------------------------------------------------------------------------------------------------
 # 2. Shortest paths and layouts
 # ---------------------------------------------------------------------------------------------------
@@ -184,42 +209,43 @@ class GridPinpadEnv(gym.Env):
     ## Arguments
     ``task``: a tuple of colours, or None (then a pretraining task is sampled at every reset);
     ``reset(options={"task": ...})`` overrides it for one episode. ``render_mode``: "ansi" or "rgb_array".
+    Nothing is coerced: a task that is not a non-empty sequence of ints in range with no colour twice in a
+    row, an invalid action, or a non-positive ``max_steps`` is a ``ValueError``; ``step()`` before ``reset()``
+    or after the episode has ended is a ``RuntimeError``.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
 
     def __init__(self, task: tuple | None = None, render_mode: str | None = None, max_steps: int = MAX_STEPS):
-        self.default_task = None if task is None else self._check_task(task)
+        self.default_task = None if task is None else check_task(task, N_COLOURS)
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.render_mode = render_mode
-        self.max_steps = max_steps
+        self.max_steps = check_max_steps(max_steps)
         self.observation_space = spaces.Box(0.0, 1.0, (OBS_DIM,), dtype=np.float32)
         self.action_space = spaces.Discrete(4)
         self.task: tuple = PRETRAIN_TASKS[0]
         self.colour_cells, self.wall_cells, self.agent, self.kind = [], [], 0, [-1] * N_CELLS
         self.dists, self.progress, self.t, self.failed = {}, 0, 0, False
-
-    @staticmethod
-    def _check_task(task) -> tuple:
-        task = tuple(int(c) for c in task)
-        if not task or any(not 0 <= c < N_COLOURS for c in task) or any(a == b for a, b in zip(task, task[1:])):
-            raise ValueError(f"a task is a non-empty sequence of colours 0..7 with no colour twice in a row, got {task}")
-        return task
+        self.ended = None                  # None before the first reset, True once the episode has ended
 
     # -- gymnasium API ---------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         if options and options.get("task") is not None:
-            self.task = self._check_task(options["task"])
+            self.task = check_task(options["task"], N_COLOURS)
         elif self.default_task is not None:
             self.task = self.default_task
         else:
             self.task = PRETRAIN_TASKS[int(self.np_random.integers(len(PRETRAIN_TASKS)))]
         self.colour_cells, self.wall_cells, self.agent, self.kind, self.dists = sample_layout(self.np_random, self.task)
-        self.progress, self.t, self.failed = 0, 0, False
+        self.progress, self.t, self.failed, self.ended = 0, 0, False, False
         return self._obs(), self._info()
 
     def step(self, action):
-        assert self.action_space.contains(action), f"invalid action {action!r}"
+        check_stepping(self.ended)
+        if isinstance(action, (bool, np.bool_)) or not self.action_space.contains(action):
+            raise ValueError(f"an action is an int in 0..3 (0 up, 1 down, 2 left, 3 right), got {action!r}")
         nxt = _NEXT_LIST[self.agent][int(action)]
         if self.kind[nxt] >= N_COLOURS:          # a wall: stay put
             nxt = self.agent
@@ -235,6 +261,7 @@ class GridPinpadEnv(gym.Env):
             else:
                 terminated, self.failed = True, True
         truncated = (not terminated) and self.t >= self.max_steps
+        self.ended = terminated or truncated
         return self._obs(), reward, bool(terminated), bool(truncated), self._info()
 
     def render(self):

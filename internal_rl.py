@@ -35,8 +35,10 @@ Commands (2-core CPU)
     python internal_rl.py --task ant                               # the MuJoCo ant, every stage
     python -m pytest -q test_internal_rl.py                        # the tests, about a minute
 Outputs go to ``--out`` (default ``runs/<task>-seed<seed>``): checkpoints (``*.pt``), ``metrics.jsonl``
-(one JSON line per log line), figures (``*.png``) and ``results.json``. A rerun with the same settings
-reuses every finished stage; changing a setting retrains the stages it affects and everything after.
+(one JSON line per log line), figures (``*.png``) and ``results.json``. A rerun reuses every finished stage
+whose settings and code are unchanged; a changed setting or an edited function retrains the stages that read
+it and every stage built on them (section 2); ``--fresh`` retrains all. Ctrl-C keeps the finished stages (and
+pretraining's last evaluation): rerun the same command to continue.
 
 What to expect (2-core CPU, defaults; the README has the measured tables and what they mean)
     Grid: ~35 min for every stage on a fast day (up to ~1.8x longer on a slow one). The current subgoal becomes
@@ -89,12 +91,15 @@ Deliberate choices and deviations from the paper (the README gives the reasons a
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -127,6 +132,7 @@ class Args:
     stop_after: str = arg("rl", "last stage to run: pretrain, probe, controllers, metacontroller or rl")
     threads: int = arg(0, "torch CPU threads (0 = all cores)")
     log_every: int = arg(200, "log a training line every this many steps")
+    fresh: bool = arg(False, "retrain every stage: delete the run folder's checkpoints first")
     # -- data (section 3) --
     epsilon: float = arg(0.0, "expert noise for dataset D: probability of a random non-terminating action (paper: 0)")
     batch_size: int = arg(64, "episodes per pretraining batch (padded; batches are length-bucketed)")
@@ -225,6 +231,7 @@ def die(msg: str):
 # settings that may be 0 (every other number must be positive; none may be negative)
 MAY_BE_ZERO = ("seed", "epsilon", "obs_coef", "weight_decay", "warmup", "cooldown", "threads", "alpha", "mc_kl_warmup",
                "mc_gumbel", "n_train", "action_noise", "ctrl_rank")
+ANT_ONLY = ("n_train", "action_noise", "workers", "expert_eval")        # the grid has no stored dataset
 
 
 def parse_args(argv=None) -> Args:
@@ -248,9 +255,13 @@ def parse_args(argv=None) -> Args:
         die("--ctrl-rank 0 (full rank) is for the ant; the grid's controllers and metacontroller decoder need a "
             "rank, e.g. 16")
     for f in dataclasses.fields(Args):
-        v = getattr(args, f.name)
+        v, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            die(f"{flag} must be a finite number, got {v}")
         if isinstance(v, (int, float)) and not isinstance(v, bool) and (v < 0 or (v == 0 and f.name not in MAY_BE_ZERO)):
-            die(f"--{f.name.replace('_', '-')} must be {'non-negative' if f.name in MAY_BE_ZERO else 'positive'}, got {v}")
+            die(f"{flag} must be {'non-negative' if f.name in MAY_BE_ZERO else 'positive'}, got {v}")
+        if task == "grid" and f.name in ANT_ONLY and f.name in given:
+            die(f"{flag} is for the ant; the grid draws fresh expert episodes every step")
     if not args.cooldown <= 1.0:
         die(f"--cooldown is a fraction of the steps in [0, 1], got {args.cooldown}")
     if not args.mc_screen <= 1.0:
@@ -263,8 +274,6 @@ def parse_args(argv=None) -> Args:
     if args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         die(f"--device {args.device!r} is not available here; valid choices: auto, cpu"
             + (", cuda" if torch.cuda.is_available() else " (no CUDA device found)"))
-    if args.task == "grid" and args.n_train:
-        die("--n-train is for the ant; the grid draws fresh expert episodes every step")
     if args.task == "ant" and not args.n_train:
         die("--task ant needs a stored dataset: --n-train must be positive")
     if not 0.0 <= args.epsilon < 1.0:
@@ -309,10 +318,18 @@ def ctrl_layers(args: Args) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2. Plumbing: seeding, logging, checkpoints that know their settings          # BOILERPLATE
+# 2. Plumbing: logging, and checkpoints that know what made them              # BOILERPLATE
 # Not part of the method: runs are reproducible (one seed, set in main(), fixes every number on the CPU),
-# observable (fixed-format log lines with throughput and ETA, also as JSON in metrics.jsonl) and restartable
-# (checkpoints carry a fingerprint of their settings: reused if it matches, else retrained with what follows).
+# observable (fixed-format log lines with throughput and ETA, also as JSON in metrics.jsonl) and restartable:
+# every stage saves its checkpoint <out>/<name>.pt stamped with a *fingerprint* of what made it, and a rerun
+# reuses a checkpoint only while its fingerprint still matches. The fingerprint hashes
+#   * the stage's settings (the Args fields listed in CHECKPOINTS below),
+#   * the stage's code: every function, class and constant of sections 3-11 that its entry points reach by
+#     name, compared as syntax trees (comments, docstrings and layout do not count), plus the env file for
+#     the data and pretraining stages,
+#   * the checksum of the checkpoint it builds on, so that a retrained parent retrains its children.
+# So editing mc_loss retrains the metacontroller and internal RL, while editing a figure, a comment or the
+# README retrains nothing. Every checkpoint also stores a checksum of its contents, checked on every load.
 class Logger:
     """Print-first logging: one fixed-format line per event, also appended to metrics.jsonl."""
 
@@ -323,7 +340,16 @@ class Logger:
     def __call__(self, stage: str, msg: str, **metrics):
         print(f"[{stage}] {msg}", flush=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"time": time.time(), "stage": stage, "msg": msg, **metrics}) + "\n")
+            f.write(json.dumps(finite({"time": time.time(), "stage": stage, "msg": msg, **metrics})) + "\n")
+
+
+def finite(x):
+    """x with every non-finite float replaced by None, so that the JSON written is valid (NaN is not JSON)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    return [finite(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 def eta(t0: float, done: int, total: int) -> str:
@@ -333,58 +359,160 @@ def eta(t0: float, done: int, total: int) -> str:
     return f"{el:.0f}s elapsed, eta {left:.0f}s"
 
 
-# Which Args fields each stage depends on, and which stage's output it builds on. A stage's fingerprint
-# hashes these plus the fingerprint of that parent stage, so changing e.g. --lr retrains everything, while
-# changing --ctrl-lr retrains only the controllers (nothing else reads them).
-STAGE_PARENT = {"pretrain": None, "probe": "pretrain", "controllers": "pretrain", "metacontroller": "pretrain",
-                "rl": "metacontroller"}
-STAGE_FIELDS = {
-    "pretrain": ("task", "seed", "epsilon", "n_heldout", "batch_size", "bucket_batches", "n_layer", "n_head",
-                 "n_embd", "obj_attn", "mlp_mult", "rel_buckets", "rel_max_distance", "pretrain_steps", "lr", "warmup",
-                 "cooldown", "weight_decay", "obs_coef", "grad_clip"),
-    "probe": ("n_dstar", "n_probe", "probe_steps", "probe_lr"),
-    "controllers": ("n_dstar", "n_probe", "ctrl_rank", "ctrl_steps", "ctrl_batch", "ctrl_lr", "ctrl_layers",
-                    "n_eval", "greedy", "ctrl_oracle"),      # (n_probe: they are scored on held-out D*[:n_probe // 2])
-    "metacontroller": ("n_dstar", "n_probe", "alpha", "n_z", "mc_hidden", "mc_enc_hidden", "ctrl_rank", "mc_steps",
-                       "mc_batch", "mc_lr", "mc_kl_warmup", "mc_gumbel", "bucket_batches", "mc_seeds",
-                       "mc_screen"),
-    "rl": ("rl_episodes", "rl_batch", "rl_epochs", "clip_coef", "token_lr", "rl_eval", "irl_lr", "irl_hidden"),
+RL_FIELDS = ("rl_episodes", "rl_batch", "rl_epochs", "clip_coef", "rl_eval", "expert_eval")
+# Every checkpoint of a run folder, in pipeline order: its section (the log prefix), the checkpoint it builds
+# on, the settings it reads and the entry points of its code. The grid has no "data" checkpoint: its
+# episodes are generated from the seed by section 3, whose code is part of pretraining's fingerprint.
+CHECKPOINTS = {
+    "data": (3, None, ("task", "seed", "n_train", "action_noise", "n_heldout", "n_dstar", "expert_eval"),
+             ("ant_datasets",)),
+    "pretrain": (6, "data", ("task", "seed", "epsilon", "n_heldout", "n_train", "action_noise", "batch_size",
+                             "bucket_batches", "n_layer", "n_head", "n_embd", "obj_attn", "mlp_mult", "rel_buckets",
+                             "rel_max_distance", "pretrain_steps", "lr", "warmup", "cooldown", "weight_decay",
+                             "obs_coef", "grad_clip", "eval_every", "quick_probe_episodes", "quick_probe_steps",
+                             "probe_lr"), ("make_datasets", "pretrain")),
+    "probe": (7, "pretrain", ("n_dstar", "n_probe", "probe_steps", "probe_lr"), ("probe_stage",)),
+    "controllers": (8, "pretrain", ("n_dstar", "n_probe", "ctrl_rank", "ctrl_steps", "ctrl_batch", "ctrl_lr",
+                                    "ctrl_layers", "n_eval", "greedy", "ctrl_oracle"), ("controller_stage",)),
+    "metacontroller": (10, "pretrain", ("n_dstar", "n_probe", "alpha", "n_z", "mc_hidden", "mc_enc_hidden",
+                                        "ctrl_rank", "mc_steps", "mc_batch", "mc_lr", "mc_kl_warmup", "mc_gumbel",
+                                        "bucket_batches", "mc_seeds", "mc_screen"), ("metacontroller_stage",)),
+    "token_rl": (9, "pretrain", RL_FIELDS + ("token_lr",), ("token_rl",)),
+    "internal_rl": (11, "metacontroller", RL_FIELDS + ("irl_lr", "irl_hidden"), ("internal_rl",)),
+    "internal_rl_no_temporal": (11, "metacontroller", RL_FIELDS + ("irl_lr", "irl_hidden"), ("internal_rl",)),
 }
 
 
-# Fields only the ant reads enter only the ant's fingerprints (so adding them kept grid checkpoints valid).
-ANT_FIELDS = {"data": ("task", "seed", "n_train", "action_noise", "n_heldout", "n_dstar", "expert_eval"),
-              "pretrain": ("n_train", "action_noise"), "rl": ("expert_eval",)}     # rl: success_normalised
+def syntax(tree) -> str:
+    """A syntax tree as text, without docstrings: what the code does, not how it is commented."""
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
-def fingerprint(args: Args, stage: str) -> str:
-    prev = "" if STAGE_PARENT.get(stage) is None else fingerprint(args, STAGE_PARENT[stage])
-    cfg = {k: getattr(args, k) for k in STAGE_FIELDS.get(stage, ()) + (ANT_FIELDS.get(stage, ()) if args.task == "ant" else ())}
-    return hashlib.sha1((prev + json.dumps(cfg, sort_keys=True)).encode()).hexdigest()[:12]
+@functools.lru_cache(maxsize=None)
+def code_index(path: str) -> dict:
+    """{name: (its syntax, the names it uses)} for every top-level definition in sections 3-11 of ``path``."""
+    src, index, section = open(path).read(), {}, 0
+    lines = src.splitlines()
+    banners = {i + 2: int(m[1]) for i, line in enumerate(lines[:-1])
+               if line.startswith("# ---") and (m := re.match(r"# (\d+)\. ", lines[i + 1]))}
+    for node in ast.parse(src).body:
+        section = max([s for line, s in banners.items() if line < node.lineno], default=0)
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+        else:
+            continue
+        if 3 <= section <= 11:
+            uses = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            for name in names:
+                index[name] = (syntax(node), uses)
+    return index
 
 
-def save_ckpt(path: str, obj: dict) -> None:
-    """Atomic save: write a temporary file, then rename, so a crash never leaves half a checkpoint."""
+@functools.lru_cache(maxsize=None)
+def code_digest(roots: tuple, env_file: str = "") -> str:
+    """Hash of the code that the functions ``roots`` reach by name (and of ``env_file``, if given)."""
+    index, seen, todo = code_index(os.path.abspath(__file__)), set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name in index and name not in seen:
+            seen.add(name)
+            todo += index[name][1]
+    text = "".join(index[name][0] for name in sorted(seen))
+    return hashlib.sha256((text + (syntax(ast.parse(open(env_file).read())) if env_file else "")).encode()).hexdigest()
+
+
+def fingerprint(args: Args, name: str, parent_sum: str = "") -> str:
+    """What made a checkpoint: its settings, its code and the checksum of the checkpoint it builds on."""
+    _, _, fields, roots = CHECKPOINTS[name]
+    env_file = env_module(args.task).__file__ if name in ("data", "pretrain") else ""
+    cfg = json.dumps({k: getattr(args, k) for k in fields}, sort_keys=True)
+    return hashlib.sha256((cfg + code_digest(roots, env_file) + parent_sum).encode()).hexdigest()[:16]
+
+
+def checksum(obj) -> str:
+    """sha256 of everything a checkpoint stores: tensors by dtype, shape and bytes, everything else as JSON."""
+    h = hashlib.sha256()
+
+    def add(x):
+        if torch.is_tensor(x):
+            h.update(f"{x.dtype}{tuple(x.shape)}".encode())
+            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                h.update(f"{k!r}:".encode())
+                add(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                add(v)
+            h.update(b"]")
+        else:
+            h.update(json.dumps(x, default=repr).encode())
+    add(obj)
+    return h.hexdigest()
+
+
+def atomic_write(path: str, write) -> None:
+    """``write(f)`` into a temporary file, then rename it to ``path``: an interrupted or failed write leaves the
+    old file (if any) untouched and no temporary file behind."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def load_ckpt(path: str, fp: str, log: Logger, stage: str):
-    """The checkpoint at ``path`` if its fingerprint matches, else None (logged, never silently used);
-    an unreadable file stops the run with the fix."""
+def save_ckpt(path: str, obj: dict) -> dict:
+    """Save a checkpoint atomically, with the checksum of its contents; returns what was saved."""
+    obj = {**obj, "checksum": checksum(obj)}
+    atomic_write(path, lambda f: torch.save(obj, f))
+    return obj
+
+
+def load_ckpt(path: str, fp: str, log=None, tag: str = ""):
+    """The checkpoint at ``path`` if its fingerprint is ``fp``, else None (logged, never used). A file that cannot
+    be read, or whose contents do not match their checksum, stops the run with the fix."""
     if not os.path.exists(path):
         return None
+    fix = "delete it (or choose another --out) to retrain that stage"
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(ck, dict) and "fingerprint" in ck
+        stored = ck.pop("checksum") if isinstance(ck, dict) and "fingerprint" in ck else None
     except Exception as e:  # noqa: BLE001 -- any failure to read means the same thing to the user
-        die(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:80]}); delete it (or choose another "
-            f"--out) to retrain that stage")
+        die(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:80]}); {fix}")
+    if stored is None or stored != checksum(ck):
+        die(f"checkpoint {path} is corrupt (its contents do not match their checksum); {fix}")
     if ck["fingerprint"] != fp:
-        log(stage, f"{path} was made with other settings ({ck['fingerprint']} != {fp}): retraining this stage")
+        if log is not None:
+            log(tag, f"{path} was made with other settings or code: retraining this stage")
         return None
-    return ck
+    return {**ck, "checksum": stored}
+
+
+def ckpt_path(args: Args, name: str) -> str:
+    return os.path.join(args.out, f"{name}.pt")
+
+
+def run_stage(args: Args, name: str, parent_sum: str, log: Logger, train) -> tuple:
+    """<out>/<name>.pt if its fingerprint matches (same settings, code and parent), else the checkpoint dict
+    that ``train()`` returns, saved. Returns (checkpoint, "reused" or "trained")."""
+    path, fp, tag = ckpt_path(args, name), fingerprint(args, name, parent_sum), f"{CHECKPOINTS[name][0]} {name}"
+    ck = load_ckpt(path, fp, log, tag)
+    if ck is not None and ck.get("finished", True):         # (an unfinished pretraining resumes in pretrain())
+        log(tag, f"reusing {path}")
+        return ck, "reused"
+    return save_ckpt(path, {**train(), "fingerprint": fp}), "trained"
 
 
 def load_weights(model: nn.Module, state: dict, path: str) -> None:
@@ -394,6 +522,18 @@ def load_weights(model: nn.Module, state: dict, path: str) -> None:
     except RuntimeError as e:
         die(f"checkpoint {path} does not fit this code's model ({str(e)[:80]}); delete it (or choose another "
             f"--out) to retrain that stage")
+
+
+class Diverged(Exception):
+    """A non-finite loss or gradient norm (check_finite); main() stops the run with its one-line message."""
+
+
+def check_finite(tag: str, step: int, flag: str, args: Args, **values) -> None:
+    """Stop training at the first non-finite value, naming the stage, the step and the likely fix."""
+    for what, v in values.items():
+        if not math.isfinite(v):
+            raise Diverged(f"[{tag}] step {step}: the {what.replace('_', ' ')} is {v}, training diverged; try a "
+                           f"smaller --{flag} (now {getattr(args, flag.replace('-', '_'))})")
 
 
 def env_module(task: str):
@@ -499,31 +639,28 @@ def batches_of(episodes: list, size: int, device):
 
 
 def ant_datasets(args: Args, log) -> dict:
-    """The ant's stored sets D (train, held-out) and D* (train, held-out), cached in ``<out>/data.pt``, and
-    the expert's success rates (pretraining tasks: the noise-free D* attempts; post-training: --expert-eval)."""
-    path, fp = os.path.join(args.out, "data.pt"), fingerprint(args, "data")
+    """The ant's stored sets D (train, held-out) and D* (train, held-out), kept in the checkpoint ``<out>/data.pt``,
+    and the expert's success rates (pretraining tasks: the noise-free D* attempts; post-training: --expert-eval)."""
     ss = np.random.SeedSequence(args.seed).spawn(6)          # 0-3 the sets, 4 batches and eval seeds, 5 expert_post
-    ck = load_ckpt(path, fp, log, "3 data")
-    if ck is None:
-        at = env_module("ant")
+
+    def generate() -> dict:
         spec = {"train": (args.n_train, args.action_noise, ss[0], False),          # name: (n, noise, seeds, post)
                 "heldout": (args.n_heldout, args.action_noise, ss[1], False),
                 "dstar_train": (args.n_dstar, 0.0, ss[2], False), "dstar_heldout": (args.n_dstar, 0.0, ss[3], False),
                 "expert_post": (args.expert_eval, 0.0, ss[5], True)}          # attempts only: success rate
         try:
-            sets, wins, tries = at.generate_dataset(spec, args.workers, log=lambda msg: log("3 data", msg))
+            sets, wins, tries = env_module("ant").generate_dataset(spec, args.workers, log=lambda msg: log("3 data", msg))
         except RuntimeError as e:
             die(str(e))
         expert = {"pretrain": (wins["dstar_train"] + wins["dstar_heldout"]) / (tries["dstar_train"] + tries["dstar_heldout"]),
                   "posttrain": wins["expert_post"] / tries["expert_post"]}
         del sets["expert_post"]
         # one tensor per field and set (episodes concatenated), so weights_only loading works
-        ck = {"fingerprint": fp, "expert": expert, "sets": {name: {
+        return {"expert": expert, "sets": {name: {
             **{k: torch.from_numpy(np.concatenate([ep[k] for ep in eps])) for k in ("obs", "actions", "subgoals")},
             "lengths": torch.tensor([len(ep["actions"]) for ep in eps])} for name, eps in sets.items()}}
-        save_ckpt(path, ck)
-    else:
-        log("3 data", f"reusing {path}")
+
+    ck, status = run_stage(args, "data", "", log, generate)
     out = {}
     for name, d in ck["sets"].items():                      # back to a list of episodes (numpy views)
         n = d["lengths"].tolist()
@@ -531,7 +668,7 @@ def ant_datasets(args: Args, log) -> dict:
         out[name] = [{"obs": o.numpy(), "actions": a.numpy(), "subgoals": g.numpy()} for o, a, g in parts]
     out["train_rng"] = np.random.default_rng(ss[4].spawn(1)[0])                 # batch sampling
     out["eval_seed"] = int(np.random.default_rng(ss[4]).integers(2 ** 31))      # env seeds for rollouts
-    out["expert"] = ck["expert"]
+    out.update(expert=ck["expert"], checksum=ck["checksum"], status=status)     # (main() chains the checksum)
     log("3 data", f"the expert (noise-free): success {ck['expert']['pretrain']:.3f} on pretraining tasks (D* attempts), "
         f"{ck['expert']['posttrain']:.3f} on the post-training task ({args.expert_eval} episodes)")
     return out
@@ -825,7 +962,7 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
     Returns ``success``, ``wrong_colour`` (the share that failed; on the ant every failure counts: a wrong
     colour, the wall cell, leaving the arena, falling; other non-successes timed out), ``colours`` (task
     colours visited) and ``length`` (means). With ``record``, for RL (section 9): ``obs`` (n, T, 13) the
-    inputs o_1..o_T, ``actions`` (n, T), ``lengths`` (n,), ``rewards`` (n,) and ``first_colour``."""
+    inputs o_1..o_T, ``actions`` (n, T), ``lengths`` (n,) and ``rewards`` (n,)."""
     # One env per episode, stepped in lock-step. We use the env classes directly (not gymnasium's vector
     # envs), so there is no autoreset: a finished episode simply stops being stepped.
     E = env_module(model.task)
@@ -879,8 +1016,6 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
         out.update(obs=torch.stack(seen, 1), actions=torch.stack(taken, 1),                # (n, T, 13), (n, T)
                    lengths=torch.tensor(steps, device=device),                             # (n,)
                    rewards=torch.tensor([float(env.success) for env in envs], device=device))  # (n,)
-        # the first colour each episode entered (-1: none), for section 11
-        out["first_colour"] = [env.task[0] if env.progress else (env.colour_here if env.failed else -1) for env in envs]
     return out
 
 
@@ -966,25 +1101,21 @@ def lr_factor(step: int, args: Args) -> float:
     return min(1.0, (step + 1) / max(args.warmup, 1), left)
 
 
-def pretrain(args: Args, data: dict, device, log: Logger):
-    """Train the base model from scratch on expert batches (grid: fresh ones; ant: from D). Returns (model, metrics)."""
-    path = os.path.join(args.out, "pretrain.pt")
-    fp = fingerprint(args, "pretrain")
+def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
+    """Train the base model from scratch on expert batches (grid: fresh ones; ant: from D).
+    Returns the checkpoint: the weights ``model`` and the ``metrics``."""
+    path, fp = ckpt_path(args, "pretrain"), fingerprint(args, "pretrain", data.get("checksum", ""))
     torch.manual_seed(args.seed)
     model = GPT(args).to(device)
-    ck = load_ckpt(path, fp, log, "6 pretrain")
-    if ck is not None and ck["finished"]:
-        load_weights(model, ck.get("model", {}), path)
-        log("6 pretrain", f"reusing {path} (trained {ck['metrics']['steps']} steps in {ck['metrics']['train_time_s']:.0f}s)")
-        return model, ck["metrics"]
     # weight decay on every weight except the ant's log std (decay would pull it towards std 1)
     decay = [p for name, p in model.named_parameters() if name != "log_std"]
     groups = [{"params": decay}] + ([{"params": [model.log_std], "weight_decay": 0.0}] if args.task == "ant" else [])
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     rng, step, spent, curve = data["train_rng"], 0, 0.0, []
-    # An interrupted run resumes model, optimiser and data stream from the last evaluation. (The data
-    # stream restarts at a fresh length bucket, so a resumed run is close to, not bit-identical with, an
-    # uninterrupted one.)
+    # An interrupted run (same settings and code) resumes model, optimiser and data stream from its last
+    # evaluation. (The data stream restarts at a fresh length bucket, so a resumed run is close to, not
+    # bit-identical with, an uninterrupted one.)
+    ck = load_ckpt(path, fp)
     if ck is not None:
         load_weights(model, ck.get("model", {}), path)
         opt.load_state_dict(ck["optim"])
@@ -1014,7 +1145,8 @@ def pretrain(args: Args, data: dict, device, log: Logger):
         loss = loss_a + args.obs_coef * loss_o
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)   # rare spikes early in training
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)   # rare spikes early in training
+        check_finite("6 pretrain", step + 1, "lr", args, loss=loss.item(), gradient_norm=gnorm.item())
         opt.step()
         step += 1
         tokens += int(b["mask"].sum())
@@ -1043,8 +1175,7 @@ def pretrain(args: Args, data: dict, device, log: Logger):
                **({"heldout_acc": m["acc"], "opt_acc_ambiguous": m["opt_acc_ambiguous"], "opt_acc_pair": m["opt_acc_pair"]}
                   if args.task == "grid" else {"heldout_mse": m["mse"]}),
                "train_time_s": time.time() - t0, "n_params": n_params, "curve": curve}
-    save_ckpt(path, {"fingerprint": fp, "finished": True, "model": model.state_dict(), "metrics": metrics})
-    return model, metrics
+    return {"finished": True, "model": model.state_dict(), "metrics": metrics}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1098,12 +1229,7 @@ def probe_all(model: GPT, episodes: list, layers: list, device, steps: int, lr: 
 
 
 def probe_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
-    path = os.path.join(args.out, "probe.pt")
-    fp = fingerprint(args, "probe")
-    ck = load_ckpt(path, fp, log, "7 probe")
-    if ck is not None:
-        log("7 probe", f"reusing {path}")
-        return ck["metrics"]
+    """A probe at every layer 0..L; returns the checkpoint {"metrics"}."""
     t0 = time.time()
     acc = probe_all(model, data["dstar_heldout"][:args.n_probe], list(range(args.n_layer + 1)), device, args.probe_steps, args.probe_lr)
     for l, a in enumerate(acc):
@@ -1111,8 +1237,7 @@ def probe_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict
     mid = args.n_layer // 2
     log("7 probe", f"gap layer {mid} - layer 0 = {acc[mid] - acc[0]:+.3f} ({time.time() - t0:.0f}s)")
     metrics = {"probe_accuracy": acc, "probe_gap_mid": acc[mid] - acc[0], "train_time_s": time.time() - t0}
-    save_ckpt(path, {"fingerprint": fp, "metrics": metrics})
-    return metrics
+    return {"metrics": metrics}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1183,6 +1308,7 @@ def train_controllers(args: Args, model: GPT, layer: int, episodes: list, device
         loss = model.action_nll(act_out, b["actions"], b["mask"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        check_finite("8 controllers", step, "ctrl-lr", args, loss=loss.item())
         opt.step()
         if step % args.log_every == 0 or step == args.ctrl_steps:
             log("8 controllers", f"layer {layer} step {step}/{args.ctrl_steps} | nll {loss.item():.3f} | "
@@ -1207,13 +1333,8 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
 
     The base model alone is evaluated on the same episodes: on pretraining tasks it can only guess the
     task (a perfect pair rule with no task knowledge succeeds ~1/16 of the time), on the post-training
-    task it essentially never succeeds. Controllers that steer should lift the first well above that."""
-    path = os.path.join(args.out, "controllers.pt")
-    fp = fingerprint(args, "controllers")
-    ck = load_ckpt(path, fp, log, "8 controllers")
-    if ck is not None:
-        log("8 controllers", f"reusing {path}")
-        return ck["metrics"]
+    task it essentially never succeeds. Controllers that steer should lift the first well above that.
+    Returns the checkpoint: the ``metrics`` and the ``controllers`` of every layer."""
     t0, post_task = time.time(), env_module(args.task).POSTTRAIN_TASK
     ev = dict(n=args.n_eval, seed=data["eval_seed"], device=device, greedy=args.greedy)
     base_pre, base_post = rollout_pair(model, **ev)
@@ -1275,8 +1396,7 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
         "base_rollouts": {"pretrain": base_pre, "posttrain": base_post},
         "eval_episodes": args.n_eval, "eval_greedy": args.greedy, "train_time_s": time.time() - t0, **oracle,
     }
-    save_ckpt(path, {"fingerprint": fp, "metrics": metrics, "controllers": states})
-    return metrics
+    return {"metrics": metrics, "controllers": states}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1333,13 +1453,15 @@ def token_logp(model: GPT, obs, actions):
     return model.action_logp(act_out, actions)                                     # (B, T)
 
 
-def rl_train(args: Args, tag: str, collect, logp_fn, params, lr: float, seed: int, log: Logger) -> dict:
+def rl_train(args: Args, tag: str, collect, logp_fn, params, lr_flag: str, seed: int, log: Logger) -> dict:
     """The shared RL loop (Alg. 3): collect B episodes with the current policy, one advantage per episode,
-    ``rl_epochs`` full-batch steps on the clipped objective; until ``rl_episodes`` episodes are used.
+    ``rl_epochs`` full-batch steps on the clipped objective; until ``rl_episodes`` episodes are used. The
+    learning rate is the setting ``lr_flag`` (token-lr or irl-lr).
 
     ``collect(n, seed)`` -> batch dict with ``rewards`` (B,), ``mask`` (B, T') and whatever ``logp_fn``
     needs; ``logp_fn(batch)`` -> (B, T') log-probabilities of the batch's actions under the current policy.
     Returns the learning curve: [episodes so far, success rate of that batch] per batch."""
+    lr = getattr(args, lr_flag.replace("-", "_"))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.999))   # Table A13: wd 0
     curve, episodes, t0 = [], 0, time.time()
     n_batches = math.ceil(args.rl_episodes / args.rl_batch)
@@ -1356,7 +1478,8 @@ def rl_train(args: Args, tag: str, collect, logp_fn, params, lr: float, seed: in
                 loss = ppo_loss(logp_fn(batch), logp_old, adv, batch["mask"], args.clip_coef)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                check_finite(tag, it, lr_flag, args, loss=loss.item(), gradient_norm=gnorm.item())
                 opt.step()
         if it % max(1, n_batches // 12) == 0 or it == n_batches:
             recent = np.mean([c[1] for c in curve[-max(1, n_batches // 12):]])
@@ -1365,18 +1488,34 @@ def rl_train(args: Args, tag: str, collect, logp_fn, params, lr: float, seed: in
     return {"curve": curve, "episodes": episodes, "train_time_s": time.time() - t0}
 
 
-def token_rl(args: Args, model: GPT, seed: int, device, log: Logger):
-    """Token-level RL: finetune a copy of the pretrained base model on primitive actions (PAPER.md 8.4)."""
+def rl_report(args: Args, name: str, m: dict, test: dict, data: dict, log: Logger, t0: float) -> dict:
+    """The final test's numbers, logged and added to the training metrics ``m`` of RL method ``name``."""
+    m.update(success=test["success"], colours=test["colours"], wrong_colour=test["wrong_colour"],
+             train_time_s=time.time() - t0)
+    if "expert" in data:             # the ant: relative to the expert, as the paper's Fig. 8 does
+        m["success_normalised"] = test["success"] / max(data["expert"]["posttrain"], 1e-9)
+    log(f"{CHECKPOINTS[name][0]} {name}", f"final test on {args.rl_eval} post-training episodes (unseen env seeds): "
+        f"success {test['success']:.3f} | {test['colours']:.1f} of {len(env_module(args.task).POSTTRAIN_TASK)} "
+        f"colours | trained on {m['episodes']} episodes in {m['train_time_s']:.0f}s", success=test["success"])
+    return m
+
+
+def token_rl(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
+    """Token-level RL: finetune a copy of the pretrained base model on primitive actions (Sec. 8.4), then
+    test it on unseen env seeds. Returns the checkpoint: the ``metrics`` and the finetuned ``policy``."""
+    t0, post = time.time(), env_module(args.task).POSTTRAIN_TASK
     policy = copy.deepcopy(model).requires_grad_(True)     # the frozen original stays untouched
 
     def collect(n, s):
-        r = rollout(policy, env_module(args.task).POSTTRAIN_TASK, n, s, device, record=True)
+        r = rollout(policy, post, n, s, device, record=True)
         return {"rewards": r["rewards"], "obs": r["obs"], "actions": r["actions"],
                 "mask": step_mask(r["lengths"], r["actions"].shape[1])}
 
     logp_fn = lambda b: token_logp(policy, b["obs"], b["actions"])             # ALGO LOGIC: act = a_t, every step
-    m = rl_train(args, "9 token_rl", collect, logp_fn, list(policy.parameters()), args.token_lr, seed, log)
-    return policy, m
+    m = rl_train(args, "9 token_rl", collect, logp_fn, list(policy.parameters()), "token-lr",
+                 data["eval_seed"] + 3 * 10 ** 6, log)
+    test = rollout(policy, post, args.rl_eval, data["eval_seed"] + 2 * 10 ** 6, device)    # env seeds unused so far
+    return {"metrics": rl_report(args, "token_rl", m, test, data, log, t0), "policy": policy.state_dict()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1628,6 +1767,7 @@ def train_metacontroller(args: Args, model: GPT, data: dict, device, log: Logger
     Trains up to step ``until`` (default: --mc-steps) and returns the run, a dict with the metacontroller
     ``mc``, its optimiser, batch stream and ``step``; pass it back as ``run`` to continue where it stopped
     (the metacontroller stage screens several seeds that way, section 10's --mc-screen)."""
+    model.requires_grad_(False).eval()       # the base model is frozen: gradients reach only the metacontroller
     if run is None:
         torch.manual_seed(seed + (7 if forced else 0))
         mc = MetaController(args).to(device)
@@ -1648,7 +1788,8 @@ def train_metacontroller(args: Args, model: GPT, data: dict, device, log: Logger
         loss, nll, kl, beta, mask = mc_loss(model, mc, b, mid, alpha, forced)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(mc.parameters(), args.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(mc.parameters(), args.grad_clip)
+        check_finite(f"10 {tag}", step, "mc-lr", args, loss=loss.item(), gradient_norm=gnorm.item())
         opt.step()
         if step % args.log_every == 0 or step == until:
             rate = float(((beta >= 0.5).float() * mask)[:, 1:].sum() / mask[:, 1:].sum())
@@ -1667,17 +1808,9 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
     (D*[:n_probe/2]) does not score. Seeds matter: with the same settings some send nothing, some the whole
     task in the first code, and some switch at every subgoal boundary, which also gives the lowest Eq. 3,
     already at 1,000 steps (README). So the grid preset screens six seeds for mc_screen = 1/3 of
-    mc_steps = 3,000 and trains the kept one on. The forced ablation trains once."""
-    path = os.path.join(args.out, "metacontroller.pt")
-    fp = fingerprint(args, "metacontroller")
-    mcs = {"mc": MetaController(args).to(device), "mc_forced": MetaController(args).to(device)}
-    ck = load_ckpt(path, fp, log, "10 metacontroller")
-    if ck is not None:
-        for k, m in mcs.items():
-            load_weights(m, ck.get(k, {}), path)
-        log("10 metacontroller", f"reusing {path}")
-        return mcs, ck["metrics"]
-    t0, mid = time.time(), args.n_layer // 2
+    mc_steps = 3,000 and trains the kept one on. The forced ablation trains once.
+    Returns the checkpoint: the ``metrics`` and the weights of both metacontrollers, ``mc`` and ``mc_forced``."""
+    mcs, t0, mid = {}, time.time(), args.n_layer // 2
     data = {**data, "dstar_train": with_residuals(model, data["dstar_train"], mid, device)}   # once, for every seed
     # Screening: every seed trains to step `screen` (all of --mc-steps unless --mc-screen < 1); the one with
     # the lowest held-out Eq. 3 there is kept and, if it stopped early, continues to --mc-steps.
@@ -1723,8 +1856,7 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
                "mc_seed": chosen, "mc_screen_steps": screen,
                "mc_candidates": [{"seed": s, "eq3": e, "f1": c["f1"], "switch_rate": c["switch_rate"]}
                                  for e, s, _, c in candidates if c], "train_time_s": time.time() - t0}
-    save_ckpt(path, {"fingerprint": fp, "metrics": metrics, **{k: m.state_dict() for k, m in mcs.items()}})
-    return mcs, metrics
+    return {"metrics": metrics, **{k: m.state_dict() for k, m in mcs.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1817,132 +1949,30 @@ class InternalAgent:
         return e_dec, z_dec, mask
 
 
-@torch.no_grad()
-def prior_code_diagnostic(model: GPT, mc: MetaController, layer: int, seed: int, device, n_codes: int = 16,
-                          n_eps: int = 32) -> dict:
-    """What do codes from the prior N(0, I), which the untrained internal-RL policy explores with, do?
-
-    Each of ``n_codes`` codes is held fixed for ``n_eps`` post-training episodes. A code that means "go to
-    subgoal k" sends most of its episodes' first colour to k: high *consistency* (the share going to its
-    most common subgoal), and different codes cover different subgoals. Reference: the base model alone."""
-    E = env_module(model.task)
-    z = torch.randn(n_codes, mc.decoder[0].in_features, generator=torch.Generator().manual_seed(seed)).to(device)
-    z = z.repeat_interleave(n_eps, 0)[:, None]                                          # (n_codes * n_eps, 1, Z)
-    r = rollout(model, E.POSTTRAIN_TASK, n_codes * n_eps, seed, device, ctrl_fn=lambda x, g: mc.apply(z, x),
-                ctrl_layer=layer, record=True)
-    base = rollout(model, E.POSTTRAIN_TASK, n_codes * n_eps, seed, device, record=True)
-    def pairs(first, n):                        # per code: share going to its most common pair, and that pair
-        out = []
-        for c in range(len(first) // n):
-            p = [E.subgoal_of(f) for f in first[c * n:(c + 1) * n] if f >= 0]
-            top = max(range(E.N_SUBGOALS), key=p.count) if p else -1
-            out.append((p.count(top) / n if p else 0.0, top))
-        return out
-    codes, ref = pairs(r["first_colour"], n_eps), pairs(base["first_colour"], n_eps)
-    return {"consistency": float(np.mean([c for c, _ in codes])), "base_consistency": float(np.mean([c for c, _ in ref])),
-            "distinct_pairs": len({p for _, p in codes if p >= 0}), "top_pairs": [p for _, p in codes]}
-
-
-def first_colour_direction(obs, g):
-    """Grid: which way the first colour of pair g lies from the agent, obs (n, 13), g (n,) -> (n,) in
-    0 up, 1 down, 2 left, 3 right (the larger of the row and column offsets; a tie counts as vertical)."""
-    target = obs.gather(1, (gw.N_WALLS + 2 * g)[:, None])[:, 0]          # cells: walls 0..3, colours, agent
-    dr = target // gw.GRID - obs[:, -1] // gw.GRID                        # row offset
-    dc = target % gw.GRID - obs[:, -1] % gw.GRID                          # column offset
-    return torch.where(dr.abs() >= dc.abs(), (dr > 0).long(), 2 + (dc > 0).long())
-
-
-def code_content(model: GPT, mc: MetaController, episodes: list, layer: int, device) -> dict:
-    """What does a code say? Analysis only (it uses the labels): at the first step of every ground-truth
-    subgoal of held-out D* episodes, the code in force (posterior mean z_t) is probed linearly, fitted on half
-    of those steps and scored on the others, for (a) which subgoal begins there (chance ~0.25) and, on
-    the grid, (b) which way its first colour lies from the agent (up, down, left or right, whichever offset
-    is larger; chance ~0.3). Internal RL needs (a): a policy that picks one code per subgoal. Codes that
-    only say (b), "go that way", mean nothing without the layout, so a code from the prior is a random walk."""
-    zs, goals, ways = [], [], []
-    for b in batches_of(episodes, 256, device):
-        with torch.no_grad():
-            z, _, _ = mc(model.lower(b["obs"], layer), b["mask"].sum(1), sample=False)     # (B, T, Z)
-        g = b["subgoals"]                                                               # (B, T)
-        start = b["mask"] & torch.cat([torch.ones_like(b["mask"][:, :1]), g[:, 1:] != g[:, :-1]], 1)
-        zs.append(z[start])                                                             # (n, Z)
-        goals.append(g[start])                                                          # (n,)
-        if model.task == "grid":
-            ways.append(first_colour_direction(b["obs"][start], g[start]))
-    z = torch.cat(zs)
-    fit = torch.arange(len(z)) % 2 == 0                      # alternate steps (batches are sorted by length)
-    probe = lambda y: train_probe(z[fit], y[fit], z[~fit], y[~fit], steps=300, lr=5e-2)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return {"subgoal": probe(torch.cat(goals)), "direction": probe(torch.cat(ways)) if ways else None}
-
-
-def internal_rl(args: Args, model: GPT, mc: MetaController, seed: int, device, log: Logger, forced: bool, name: str):
-    """Internal RL (Alg. 3): section 9's loop, but the actions are codes z at switch points."""
+def internal_rl(args: Args, model: GPT, mc: MetaController, data: dict, device, log: Logger, forced: bool) -> dict:
+    """Internal RL (Alg. 3): section 9's loop, but the actions are codes z at switch points; then the test on
+    unseen env seeds. ``forced``: the beta = 1 ablation. Returns the checkpoint: ``metrics`` and the ``policy``."""
+    name, t0 = "internal_rl_no_temporal" if forced else "internal_rl", time.time()
+    model.requires_grad_(False)
     mc.requires_grad_(False)                                   # base, switch, decoder, history: all frozen
     torch.manual_seed(args.seed + (11 if forced else 10))
     policy = ZPolicy(args).to(device)                          # the only trainable part
-    mid = args.n_layer // 2
+    mid, post = args.n_layer // 2, env_module(args.task).POSTTRAIN_TASK
 
     def collect(n, s):
         agent = InternalAgent(mc, policy, n, s + 1, forced)
-        r = rollout(model, env_module(args.task).POSTTRAIN_TASK, n, s, device, ctrl_fn=agent, ctrl_layer=mid, record=True)
+        r = rollout(model, post, n, s, device, ctrl_fn=agent, ctrl_layer=mid, record=True)
         e_dec, z_dec, mask = agent.decisions(r["lengths"])                              # ALGO LOGIC: act = z at switches
         return {"rewards": r["rewards"], "e": e_dec, "z": z_dec, "mask": mask}
 
     logp_fn = lambda b: policy.log_prob(b["e"], b["z"])                                  # ALGO LOGIC: log pi(z | e)
-    m = rl_train(args, f"11 {name}", collect, logp_fn, list(policy.parameters()), args.irl_lr, seed, log)
-    return policy, collect, m
-
-
-def rl_stage(args: Args, model: GPT, mcs: dict, data: dict, device, log: Logger) -> dict:
-    """Token-level RL, internal RL and the forced-switching ablation, same episode budget, same final test."""
-    fp, post = fingerprint(args, "rl"), env_module(args.task).POSTTRAIN_TASK
-    train_seed, test_seed = data["eval_seed"] + 3 * 10 ** 6, data["eval_seed"] + 2 * 10 ** 6   # disjoint env seeds
-    results, mid = {}, args.n_layer // 2
-    # Before any RL: what do codes from the prior do? (the untrained internal-RL policy samples exactly these)
-    pc = prior_code_diagnostic(model, mcs["mc"], mid, data["eval_seed"] + 4 * 10 ** 6, device,
-                               n_eps=min(32, max(2, args.rl_eval // 25)))     # grid 32 episodes per code, ant 8
-    log("11 internal_rl", f"prior codes held fixed for whole episodes: {pc['distinct_pairs']} of 4 subgoals are some "
-        f"code's most common first pair; consistency {pc['consistency']:.2f} (share of a code's episodes going to "
-        f"its most common pair; uncontrolled base model on the same layouts {pc['base_consistency']:.2f})", **pc)
-    results["prior_codes"] = pc
-    # ... and what a code says: which subgoal, or only which way to walk? (a probe that uses labels, like section 8)
-    cc = code_content(model, mcs["mc"], data["dstar_heldout"][:args.n_probe // 2], mid, device)
-    log("11 internal_rl", f"what a code says at a subgoal's first step (linear probes of the code, held-out): which "
-        f"subgoal {cc['subgoal']:.2f} (chance ~0.25)" + (f" | which way its first colour lies {cc['direction']:.2f} "
-        f"(chance ~0.3)" if cc["direction"] is not None else ""), **cc)
-    results["code_content"] = cc
-    for name in ("token_rl", "internal_rl", "internal_rl_no_temporal"):
-        path = os.path.join(args.out, f"{name}.pt")
-        tag = f"9 {name}" if name == "token_rl" else f"11 {name}"
-        ck = load_ckpt(path, fp, log, tag)
-        if ck is not None:
-            log(tag, f"reusing {path}")
-            results[name] = ck["metrics"]
-            continue
-        t0 = time.time()
-        if name == "token_rl":
-            policy, m = token_rl(args, model, train_seed, device, log)
-            test = rollout(policy, post, args.rl_eval, test_seed, device)
-        else:
-            forced = name.endswith("no_temporal")
-            mc = mcs["mc_forced" if forced else "mc"]
-            policy, collect, m = internal_rl(args, model, mc, train_seed, device, log, forced, name)
-            agent = InternalAgent(mc, policy, args.rl_eval, test_seed + 1, forced)
-            test = rollout(model, post, args.rl_eval, test_seed, device, ctrl_fn=agent, ctrl_layer=mid,
-                           record=True)
-            m["decisions_per_episode"] = float(agent.decisions(test["lengths"])[2].sum(1).mean())
-        m.update(success=test["success"], colours=test["colours"], wrong_colour=test["wrong_colour"],
-                 train_time_s=time.time() - t0)
-        if "expert" in data:             # the ant: relative to the expert, as the paper's Fig. 8 does
-            m["success_normalised"] = test["success"] / max(data["expert"]["posttrain"], 1e-9)
-        log(tag, f"final test on {args.rl_eval} post-training episodes (unseen env seeds): success "
-            f"{test['success']:.3f} | {test['colours']:.1f} of {len(post)} colours | trained on {m['episodes']} episodes "
-            f"in {m['train_time_s']:.0f}s", success=test["success"])
-        results[name] = m
-        save_ckpt(path, {"fingerprint": fp, "metrics": m})
-    return results
+    m = rl_train(args, f"11 {name}", collect, logp_fn, list(policy.parameters()), "irl-lr",
+                 data["eval_seed"] + 3 * 10 ** 6, log)
+    test_seed = data["eval_seed"] + 2 * 10 ** 6                                         # env seeds unused so far
+    agent = InternalAgent(mc, policy, args.rl_eval, test_seed + 1, forced)
+    test = rollout(model, post, args.rl_eval, test_seed, device, ctrl_fn=agent, ctrl_layer=mid, record=True)
+    m["decisions_per_episode"] = float(agent.decisions(test["lengths"])[2].sum(1).mean())
+    return {"metrics": rl_report(args, name, m, test, data, log, t0), "policy": policy.state_dict()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2046,93 +2076,163 @@ def make_figures(args: Args, results: dict) -> list:
                 ax.set_ylim(0, 1.02)
             ax.legend(frameon=False, fontsize=7)
             save(fig, name)
+    for name in FIGURES:             # a figure of a stage whose results are gone is gone too
+        if os.path.join(args.out, name) not in paths and os.path.exists(os.path.join(args.out, name)):
+            os.remove(os.path.join(args.out, name))
     return paths
+
+
+FIGURES = ("env.png", "pretrain_curve.png", "probe_accuracy.png", "controller_success.png", "beta_traces.png",
+           "rl_curves.png", "rl_curves_log.png")
 
 
 # ---------------------------------------------------------------------------------------------------
 # 13. main(): the stages in order
+def open_run_folder(args: Args) -> None:
+    """Create --out, or stop with one line saying why it cannot be used; --fresh deletes its checkpoints."""
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        atomic_write(os.path.join(args.out, ".writable"), lambda f: f.write(b""))
+        os.remove(os.path.join(args.out, ".writable"))
+    except OSError as e:
+        die(f"--out {args.out}: cannot use it as the run folder ({e.strerror or e}); choose another --out")
+    if args.fresh:
+        for name in CHECKPOINTS:
+            if os.path.exists(ckpt_path(args, name)):
+                os.remove(ckpt_path(args, name))
+                print(f"[13 main] --fresh: deleted {ckpt_path(args, name)}")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
+    open_run_folder(args)
     np.random.seed(args.seed)                    # seed once; each stage also seeds its own generators
     torch.manual_seed(args.seed)
     log = Logger(args.out)
     log("1 args", " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
     t_start, stage_time = time.time(), {}
     results = {"task": args.task, "seed": args.seed, "device": str(device), "args": dataclasses.asdict(args)}
+    # Per checkpoint: "trained" or "reused" by this run, "kept" (a later stage's, still valid), and its checksum,
+    # which its children's fingerprints chain (the grid's data are no checkpoint: made from the seed).
+    status, sums = {}, ({"data": ""} if args.task == "grid" else {})
 
-    def write_results():
-        results["wall_time_s"] = time.time() - t_start
-        results["stage_time_s"] = stage_time
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    def record(name: str, ck: dict) -> None:     # a checkpoint's metrics into results.json
+        if name in ("probe", "controllers", "metacontroller"):
+            results.update({k: v for k, v in ck["metrics"].items() if k != "train_time_s"})
+        else:
+            results[name] = ck["metrics"]
 
-    def merge(metrics: dict) -> None:            # a stage's metrics, flat (stage times are in stage_time_s)
-        results.update({k: v for k, v in metrics.items() if k != "train_time_s"})
+    def stage(name: str, train) -> dict:
+        ck, status[name] = run_stage(args, name, sums[CHECKPOINTS[name][1]], log, train)
+        sums[name] = ck["checksum"]
+        record(name, ck)
+        return ck
 
-    def done(stage: str, t: float) -> bool:
-        """Record the stage's time and save results.json; True if --stop-after ends the run here."""
-        stage_time[stage] = time.time() - t
-        write_results()
-        return args.stop_after == stage
-
-    def finish():
-        figs = make_figures(args, results)
-        write_results()
-        log("13 main", f"done in {results['wall_time_s'] / 60:.1f} min (stage {args.stop_after}) | results.json and "
-            f"figures in {args.out}: {', '.join(os.path.basename(f) for f in figs)}")
+    def finish(stopped: str = "") -> dict:
+        """Add the results of later stages whose checkpoints still fit, make the figures, write results.json."""
+        kept, dropped = [], []
+        for name, (_, parent, _, _) in CHECKPOINTS.items():
+            if name in status or not os.path.exists(ckpt_path(args, name)):
+                continue
+            ck = load_ckpt(ckpt_path(args, name), fingerprint(args, name, sums[parent])) if parent in sums else None
+            if ck is not None and ck.get("finished", True):
+                record(name, ck)
+                sums[name], status[name] = ck["checksum"], "kept"
+                kept.append(name)
+            else:
+                dropped.append(name)
+        if kept or dropped:
+            log("13 main", f"results.json keeps the stages not run now whose checkpoints still fit: "
+                f"{', '.join(kept) or 'none'}; leaves out those that no longer fit: {', '.join(dropped) or 'none'}")
+        figs = [] if stopped else make_figures(args, results)
+        results.update(stage_status=status, stage_time_s=stage_time, wall_time_s=time.time() - t_start,
+                       **({"stopped": stopped} if stopped else {}))
+        atomic_write(os.path.join(args.out, "results.json"),
+                     lambda f: f.write(json.dumps(finite(results), indent=1, allow_nan=False).encode()))
+        if not stopped:
+            log("13 main", f"done in {results['wall_time_s'] / 60:.1f} min (stage {args.stop_after}) | results.json "
+                f"and figures in {args.out}: {', '.join(os.path.basename(f) for f in figs)}")
         return results
 
-    if args.task == "ant":                       # fail early, with the fix, where MuJoCo cannot load
-        try:
-            env_module("ant").AntPinpadEnv().close()
-        except Exception as e:  # noqa: BLE001
-            die(f"--task ant needs MuJoCo ({type(e).__name__}: {str(e)[:120]}); pip install -r requirements.txt "
-                f"(gymnasium[mujoco], mujoco)")
-    t = time.time()
-    data = make_datasets(args, log)
-    stage_time["data"] = time.time() - t
-    log("3 data", f"held-out D {len(data['heldout'])} episodes, D* {len(data['dstar_train'])} train + "
-        f"{len(data['dstar_heldout'])} held-out ({stage_time['data']:.1f}s)")
-    if "expert" in data:                         # the ant: RL success is also reported relative to the expert's
-        results.update(expert_success_pretrain=data["expert"]["pretrain"], expert_success_posttrain=data["expert"]["posttrain"])
+    def done(name: str, t: float) -> bool:
+        """Record the stage's time; True if --stop-after ends the run here."""
+        stage_time[name] = time.time() - t
+        return args.stop_after == name
 
-    t = time.time()
-    model, results["pretrain"] = pretrain(args, data, device, log)
-    model.requires_grad_(False).eval()           # frozen from here on
-    if done("pretrain", t):
+    try:
+        if args.task == "ant":                   # fail early, with the fix, where MuJoCo cannot load
+            try:
+                env_module("ant").AntPinpadEnv().close()
+            except Exception as e:  # noqa: BLE001
+                die(f"--task ant needs MuJoCo ({type(e).__name__}: {str(e)[:120]}); pip install -r requirements.txt "
+                    f"(gymnasium[mujoco], mujoco)")
+        t = time.time()
+        data = make_datasets(args, log)
+        if args.task == "ant":                   # the stored sets: a checkpoint that pretraining builds on
+            sums["data"], status["data"] = data["checksum"], data["status"]
+            results.update(expert_success_pretrain=data["expert"]["pretrain"],
+                           expert_success_posttrain=data["expert"]["posttrain"])
+        stage_time["data"] = time.time() - t
+        log("3 data", f"held-out D {len(data['heldout'])} episodes, D* {len(data['dstar_train'])} train + "
+            f"{len(data['dstar_heldout'])} held-out ({stage_time['data']:.1f}s)")
+
+        t = time.time()
+        ck = stage("pretrain", lambda: pretrain(args, data, device, log))
+        torch.manual_seed(args.seed)             # the same random stream from here on, trained or reused
+        model = GPT(args).to(device)
+        load_weights(model, ck["model"], ckpt_path(args, "pretrain"))
+        model.requires_grad_(False).eval()       # frozen from here on
+        if done("pretrain", t):
+            return finish()
+
+        t = time.time()
+        stage("probe", lambda: probe_stage(args, model, data, device, log))
+        if done("probe", t):
+            return finish()
+
+        t = time.time()
+        stage("controllers", lambda: controller_stage(args, model, data, device, log))
+        mid = args.n_layer // 2
+        log("13 main", f"probe layer 0 {results['probe_accuracy'][0]:.3f} -> layer {mid} "
+            f"{results['probe_accuracy'][mid]:.3f} | controllers at layer {mid}: pretraining tasks "
+            f"{results['controller_success_pretrain'][mid]} / post-training {results['controller_success'][mid]} | "
+            f"base alone {results['base_success_pretrain']:.3f} / {results['base_success']:.3f}")
+        if done("controllers", t):
+            return finish()
+
+        t = time.time()
+        ck = stage("metacontroller", lambda: metacontroller_stage(args, model, data, device, log))
+        mcs = {k: MetaController(args).to(device) for k in ("mc", "mc_forced")}
+        for k, mc in mcs.items():
+            load_weights(mc, ck[k], ckpt_path(args, "metacontroller"))
+        if done("metacontroller", t):
+            return finish()
+
+        t = time.time()
+        stage("token_rl", lambda: token_rl(args, model, data, device, log))
+        stage("internal_rl", lambda: internal_rl(args, model, mcs["mc"], data, device, log, forced=False))
+        stage("internal_rl_no_temporal", lambda: internal_rl(args, model, mcs["mc_forced"], data, device, log,
+                                                             forced=True))
+        done("rl", t)
+        log("13 main", f"switch F1 {results['switch_f1']:.3f} | post-training success after {args.rl_episodes} "
+            f"episodes: token-level RL {results['token_rl']['success']:.3f}, internal RL "
+            f"{results['internal_rl']['success']:.3f}, internal RL without temporal abstraction "
+            f"{results['internal_rl_no_temporal']['success']:.3f}")
         return finish()
-
-    t = time.time()
-    merge(probe_stage(args, model, data, device, log))
-    if done("probe", t):
-        return finish()
-
-    t = time.time()
-    merge(controller_stage(args, model, data, device, log))
-    stop, mid = done("controllers", t), args.n_layer // 2
-    log("13 main", f"probe layer 0 {results['probe_accuracy'][0]:.3f} -> layer {mid} {results['probe_accuracy'][mid]:.3f} "
-        f"| controllers at layer {mid}: pretraining tasks {results['controller_success_pretrain'][mid]} / post-training "
-        f"{results['controller_success'][mid]} | base alone {results['base_success_pretrain']:.3f} / {results['base_success']:.3f}")
-    if stop:
-        return finish()
-
-    t = time.time()
-    mcs, m = metacontroller_stage(args, model, data, device, log)
-    merge(m)
-    if done("metacontroller", t):
-        return finish()
-
-    t = time.time()
-    merge(rl_stage(args, model, mcs, data, device, log))
-    done("rl", t)
-    log("13 main", f"switch F1 {results['switch_f1']:.3f} | post-training success after {args.rl_episodes} episodes: "
-        f"token-level RL {results['token_rl']['success']:.3f}, internal RL {results['internal_rl']['success']:.3f}, "
-        f"internal RL without temporal abstraction {results['internal_rl_no_temporal']['success']:.3f}")
-    return finish()
+    except (KeyboardInterrupt, Diverged) as e:   # one line, no traceback; results.json stays valid
+        finished = [name for name, s in status.items() if s != "kept"]
+        if isinstance(e, Diverged):
+            msg, code = str(e), 1
+        else:
+            msg, code = (f"interrupted; finished stages: {', '.join(finished) or 'none'} (checkpoints in {args.out}); "
+                         f"rerun the same command to continue from there"), 130
+        finish(stopped=msg)
+        print(f"internal_rl.py: {msg}", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,19 @@
 """Tests: env contracts, model invariants, numerical references, and small runs that must learn.
 
 Run with ``python -m pytest -q test_internal_rl.py`` (about a minute on an idle 2-core CPU)."""
+import copy
+import glob
+import importlib.util
 import json
+import math
 import os
+import re
+import shutil
+import signal
+import struct
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -57,12 +66,7 @@ def test_observation_is_walls_colours_agent_only():
     obs, info = env.reset(seed=3, options={"task": gw.PRETRAIN_TASKS[0]})
     assert obs.shape == (637,) and obs.dtype == np.float32 and obs.sum() == 13   # one 1 per channel
     assert np.array_equal(obs, expected_obs(env))
-    # the same state under another task, or after visiting colours, gives the same observation: no
-    # task or progress information can be in it
-    first = obs
-    env.task, env.dists = gw.PRETRAIN_TASKS[7], {c: gw.distances_to(env.colour_cells[c], env.kind) for c in range(8)}
-    assert np.array_equal(env._obs(), first)
-    env.reset(seed=3, options={"task": gw.PRETRAIN_TASKS[0]})
+    # visiting colours (progress) never shows: every observation of an expert episode is walls, colours, agent
     for _ in range(60):
         obs, r, term, trunc, info = env.step(env.expert_action(rng))
         assert np.array_equal(obs, expected_obs(env))
@@ -71,21 +75,87 @@ def test_observation_is_walls_colours_agent_only():
     assert info["visited"] == 6 and info["success"]
 
 
+def test_observation_carries_no_task():
+    """Same seed, different tasks: whenever the layout comes out the same, so must every observation."""
+    a, b, same = gw.GridPinpadEnv(), gw.GridPinpadEnv(), 0
+    for seed in range(20):
+        oa, _ = a.reset(seed=seed, options={"task": gw.PRETRAIN_TASKS[0]})
+        ob, _ = b.reset(seed=seed, options={"task": gw.PRETRAIN_TASKS[9]})
+        if a.cells() == b.cells():
+            same += 1
+            for action in (0, 2, 1, 3, 0):
+                assert np.array_equal(oa, ob)
+                if a.ended or b.ended:
+                    break
+                oa, ob = a.step(action)[0], b.step(action)[0]
+    assert same >= 10
+
+
 def test_observation_changes_when_agent_moves():
     env = gw.GridPinpadEnv()
     obs, _ = env.reset(seed=1)
     moved = 0
     for a in range(4):
         before = env.agent
-        o2, *_ = env.step(a) if True else None
+        o2, *_ = env.step(a)
         if env.agent != before:
             moved += 1
             assert not np.array_equal(obs, o2)
             assert o2.reshape(49, 13)[env.agent, gw.AGENT_CHANNEL] == 1
         obs = o2
-        if env.failed:
+        if env.ended:
             break
     assert moved >= 1
+
+
+@pytest.mark.parametrize("task", ["012", (1.7, 2.2), (True, False), (), (0, 8), (-1, 2), (3, 3, 1), 5])
+def test_grid_tasks_are_validated_not_coerced(task):
+    with pytest.raises(ValueError, match="non-empty sequence of ints 0..7"):
+        gw.GridPinpadEnv().reset(seed=0, options={"task": task})
+    with pytest.raises(ValueError, match="non-empty sequence of ints 0..7"):
+        gw.GridPinpadEnv(task=task)
+
+
+def test_grid_accepts_numpy_ints_and_checks_actions_and_episode_state():
+    env = gw.GridPinpadEnv()
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(0)                                   # before any reset
+    env.reset(seed=0, options={"task": np.array([0, 1, 4, 5])})
+    assert env.task == (0, 1, 4, 5) and all(type(c) is int for c in env.task)
+    for bad in (-1, 4, 5, 1.0, True, "0", None):
+        with pytest.raises(ValueError, match="an action is an int in 0..3"):
+            env.step(bad)
+    env.step(np.int64(0))
+    short = gw.GridPinpadEnv(max_steps=2)
+    short.reset(seed=0)
+    short.agent, a = next((c, a) for c in range(49) for a in range(4) if short.kind[c] == -1 and gw.NEXT[c][a] == c)
+    short.step(a)
+    assert short.step(a)[3]                           # truncated at step 2
+    with pytest.raises(RuntimeError, match="episode has ended"):
+        short.step(a)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="max_steps must be a positive int"):
+            gw.GridPinpadEnv(max_steps=bad)
+
+
+def test_grid_action_check_survives_python_O():
+    """The action check is an explicit if, not an assert that python -O removes."""
+    code = ("import gridworld as gw\nenv = gw.GridPinpadEnv()\nenv.reset(seed=0)\n"
+            "for a in (-1, 5):\n    try:\n        env.step(a)\n    except ValueError:\n        print('refused', a)\n")
+    p = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, cwd=HERE, timeout=60)
+    assert p.stdout.split("\n")[:2] == ["refused -1", "refused 5"], p.stderr
+
+
+def test_table_a1_has_none_of_the_post_training_subgoal_transitions():
+    """Table A1: 16 tasks of three colour pairs; the post-training task A-B-C-D-A-B uses only subgoal
+    transitions that no pretraining task has."""
+    subgoals = lambda task: [gw.subgoal_of(c) for c in task[::2]]
+    pairs = lambda task: set(zip(subgoals(task), subgoals(task)[1:]))
+    assert len(set(gw.PRETRAIN_TASKS)) == 16
+    for task in gw.PRETRAIN_TASKS:
+        assert len(task) == 6 and all(task[i + 1] == task[i] + 1 and task[i] % 2 == 0 for i in (0, 2, 4))
+    seen = set().union(*map(pairs, gw.PRETRAIN_TASKS))
+    assert pairs(gw.POSTTRAIN_TASK) == {(0, 1), (1, 2), (2, 3), (3, 0)} and seen.isdisjoint(pairs(gw.POSTTRAIN_TASK))
 
 
 @pytest.mark.parametrize("task", list(gw.PRETRAIN_TASKS) + [gw.POSTTRAIN_TASK])
@@ -253,6 +323,37 @@ def test_ant_expert_walks_the_tasks(ant_env):
     assert np.abs(ep["actions"]).max() <= 1.0 and set(ep["subgoals"]) <= set(at.PRETRAIN_TASKS[0])
 
 
+def test_ant_validates_tasks_actions_and_episode_state(ant_env):
+    env = at.AntPinpadEnv(max_steps=1)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.zeros(8))                                            # before any reset
+    for task in ("012", (1.7, 2.2), (True, False), (), (0, 4), (2, 2, 1)):
+        with pytest.raises(ValueError, match="non-empty sequence of ints 0..3"):
+            env.reset(seed=0, options={"task": task})
+    env.reset(seed=0, options={"task": np.array([0, 2, 1])})
+    for bad in (np.full(8, np.nan), np.array([np.inf] + [0.0] * 7), np.zeros(7), "x", None):
+        with pytest.raises(ValueError, match="8 finite torques"):
+            env.step(bad)
+    assert env.step(np.full(8, 5.0))[3]                                  # clipped, and truncated at max_steps 1
+    with pytest.raises(RuntimeError, match="episode has ended"):
+        env.step(np.zeros(8))
+    with pytest.raises(ValueError, match="max_steps must be a positive int"):
+        at.AntPinpadEnv(max_steps=0)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--picture", "x.txt"], "--picture must name a .png file"),
+    (["--picture", os.path.join(HERE, "README.md", "x.png")], "cannot write into"),
+    (["--episodes", "-3"], "--episodes must be non-negative"),
+    (["--noise", "nan"], "--noise must be a finite"),
+])
+def test_ant_tasks_command_line_errors_are_one_line(argv, needle):
+    p = subprocess.run([sys.executable, os.path.join(HERE, "ant_tasks.py")] + argv, capture_output=True, text=True,
+                       cwd=HERE, timeout=60)
+    assert p.returncode == 1 and p.stderr.startswith("ant_tasks.py: error: ") and needle in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and p.stdout == ""
+
+
 # ------------------------------------------------------------------------------------------ the model
 @pytest.fixture(scope="module")
 def model_and_batch():
@@ -365,17 +466,39 @@ def test_relative_buckets_are_monotone_and_bounded():
 
 
 # ------------------------------------------------------------------------------------------ training
-def test_tiny_pretraining_lowers_heldout_nll_and_is_deterministic(tmp_path):
-    args = tiny_args(pretrain_steps=100, out=str(tmp_path / "a"), lr=1e-2)
-    log = ir.Logger(args.out)
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny base model pretrained for 150 steps, its data and its held-out NLL before training."""
+    args = tiny_args(pretrain_steps=150, out=str(tmp_path_factory.mktemp("pre") / "a"), lr=2e-2, n_dstar=512,
+                     n_probe=128, obj_attn="last")
     data = ir.make_datasets(args)
     torch.manual_seed(args.seed)
     before = ir.action_metrics(ir.GPT(args), data["heldout"], "cpu")["nll"]
-    model, m = ir.pretrain(args, data, "cpu", log)
-    assert m["heldout_nll"] < before - 0.1
-    args_b = tiny_args(pretrain_steps=100, out=str(tmp_path / "b"), lr=1e-2)
-    _, m2 = ir.pretrain(args_b, ir.make_datasets(args_b), "cpu", ir.Logger(args_b.out))
-    assert m2["heldout_nll"] == m["heldout_nll"]                             # same seed, same numbers
+    ck = ir.pretrain(args, data, "cpu", ir.Logger(args.out))
+    model = ir.GPT(args)
+    model.load_state_dict(ck["model"])
+    return args, model.requires_grad_(False).eval(), data, ck["metrics"], before
+
+
+def test_tiny_pretraining_lowers_heldout_nll(pretrained):
+    args, _, data, m, before = pretrained
+    assert m["heldout_nll"] < before - 0.1 and m["steps"] == 150
+
+
+def test_controllers_and_the_metacontroller_beat_the_base_models_heldout_nll(pretrained):
+    """On a tiny budget, both ways of editing the residual stream must predict held-out D* actions better than
+    the frozen model alone: the controllers are told the true subgoal (at layer 0, where this barely trained
+    model takes their edit best), the metacontroller sees the whole episode (at L/2)."""
+    args, model, data, _, _ = pretrained
+    a = ir.Args(**{**args.__dict__, "ctrl_steps": 200, "ctrl_batch": 32, "ctrl_lr": 1e-2, "mc_steps": 50,
+                   "mc_batch": 32, "mc_lr": 1e-2})
+    log, held = ir.Logger(args.out), data["dstar_heldout"][:128]
+    base = ir.controlled_nll(model, None, -1, held, "cpu")
+    torch.manual_seed(0)
+    ctrl = ir.train_controllers(a, model, 0, data["dstar_train"], "cpu", log)
+    mc = ir.train_metacontroller(a, model, data, "cpu", log, forced=False, tag="x", seed=0)["mc"]
+    assert ir.controlled_nll(model, ctrl, 0, held, "cpu") < base - 0.004          # measured: -0.010
+    assert ir.switch_alignment(model, mc, held, args.n_layer // 2, "cpu")["nll"] < base - 0.004   # -0.007
 
 
 def test_controller_training_touches_only_the_controller(tmp_path):
@@ -401,40 +524,131 @@ def test_probe_finds_a_planted_signal():
 
 
 # ------------------------------------------------------------------------------------- the program
-def test_end_to_end_tiny_run_and_reuse(tmp_path, capsys):
+# One tiny grid run of every stage, shared by the tests below (each works on its own copy of the folder).
+STAGE_CKPTS = ("pretrain", "probe", "controllers", "metacontroller", "token_rl", "internal_rl", "internal_rl_no_temporal")
+RUN = TINY + ["--pretrain-steps", "20"]
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("grid") / "run")
+    return out, ir.main(RUN + ["--out", out])
+
+
+@pytest.fixture
+def run_copy(grid_run, tmp_path, monkeypatch):
+    """A copy of the shared run folder and a function rerunning main() on it (figures off: they take seconds)."""
     out = str(tmp_path / "run")
-    res = ir.main(TINY + ["--pretrain-steps", "20", "--out", out])
-    for key in ("task", "seed", "device", "wall_time_s", "stage_time_s", "pretrain", "probe_accuracy",
-                "controller_success", "controller_success_pretrain", "base_success", "base_success_pretrain",
-                "switch_f1", "switch_precision", "switch_recall", "switch_rate", "switch_recall_by_boundary"):
-        assert key in res
+    shutil.copytree(grid_run[0], out)
+    monkeypatch.setattr(ir, "make_figures", lambda args, results: [])
+    return out, lambda *extra: ir.main(RUN + ["--out", out] + list(extra))
+
+
+def saved_results(out: str) -> dict:
+    with open(os.path.join(out, "results.json")) as f:
+        return json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"results.json holds {c}: not JSON"))
+
+
+def test_end_to_end_tiny_run(grid_run):
+    out, res = grid_run
+    assert res["stage_status"] == dict.fromkeys(STAGE_CKPTS, "trained")
+    assert saved_results(out) == json.loads(json.dumps(ir.finite(res)))          # what main() returned, as JSON
+    L1, mid = 3, 1                                                              # TINY: 2 blocks, layers 0..2
+    assert res["pretrain"]["steps"] == 20 and len(res["pretrain"]["curve"]) == 1
+    assert len(res["probe_accuracy"]) == L1 and res["probe_gap_mid"] == res["probe_accuracy"][mid] - res["probe_accuracy"][0]
+    for l in range(L1):                  # the summary lists are the per-layer rollouts, 16 episodes each
+        r = res["controller_rollouts"][str(l)]
+        assert res["controller_success"][l] == r["posttrain"]["success"] and res["controller_nll"][l] == r["nll"]
+        assert res["controller_success_pretrain"][l] == r["pretrain"]["success"]
+        assert (16 * np.array([r["pretrain"]["success"], r["posttrain"]["success"]])).round(6).tolist() == \
+            (16 * np.array([r["pretrain"]["success"], r["posttrain"]["success"]])).round().tolist()
+    assert res["base_nll"] > 0 and 0 <= res["controller_success_oracle"] <= 1
+    assert [c["seed"] for c in res["mc_candidates"]] == [0, 1000] and res["mc_seed"] == min(
+        res["mc_candidates"], key=lambda c: c["eq3"])["seed"]                    # --mc-seeds 2: the lower Eq. 3 kept
+    assert res["switch_collapse"] == ir.collapse_verdict(res["switch_rate"], res["mc_kl"])
     for method in ("token_rl", "internal_rl", "internal_rl_no_temporal"):
-        assert res[method]["episodes"] == 32 and len(res[method]["curve"]) == 2 and 0 <= res[method]["success"] <= 1
-    assert len(res["probe_accuracy"]) == 3 and len(res["controller_success"]) == 3
-    assert 0 <= res["switch_f1_first_colour"] <= 1                 # the grid also scores switches against first colours
-    assert 0 <= res["controller_success_oracle"] <= 1 and 0 <= res["controller_success_oracle_pretrain"] <= 1
-    assert [c["seed"] for c in res["mc_candidates"]] == [0, 1000] and res["mc_seed"] in (0, 1000)   # --mc-seeds 2
-    assert 0 <= res["code_content"]["subgoal"] <= 1 and 0 <= res["code_content"]["direction"] <= 1
-    assert json.load(open(os.path.join(out, "results.json")))["seed"] == 0
-    for fig in ("controller_success.png", "beta_traces.png", "rl_curves.png", "rl_curves_log.png"):
+        m = res[method]
+        assert m["episodes"] == 32 and [c[0] for c in m["curve"]] == [16, 32] and m["success"] == 0.0
+    assert res["internal_rl_no_temporal"]["decisions_per_episode"] > res["internal_rl"]["decisions_per_episode"] >= 1
+    for fig in ir.FIGURES:
         assert os.path.exists(os.path.join(out, fig))
+
+
+def test_rerun_reuses_stages_and_a_setting_retrains_only_what_reads_it(run_copy, grid_run):
+    out, run = run_copy
+    res = run()
+    assert res["stage_status"] == dict.fromkeys(STAGE_CKPTS, "reused")
+    assert numbers(res) == numbers(grid_run[1]) and res["pretrain"] == grid_run[1]["pretrain"]   # loaded, not re-made
+    status = run("--ctrl-steps", "5")["stage_status"]                          # only the controllers read it
+    assert [k for k, v in status.items() if v == "trained"] == ["controllers"]
+    status = run("--ctrl-steps", "5", "--irl-lr", "1e-2")["stage_status"]      # internal RL, not token-level RL
+    assert [k for k, v in status.items() if v == "trained"] == ["internal_rl", "internal_rl_no_temporal"]
+
+
+def test_stop_after_keeps_later_results_that_still_fit_and_drops_the_rest(grid_run, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(grid_run[0], out)
+    res = ir.main(RUN + ["--out", out, "--stop-after", "pretrain"])
+    assert res["stage_status"] == {"pretrain": "reused", **dict.fromkeys(STAGE_CKPTS[1:], "kept")}
+    assert res["switch_f1"] == grid_run[1]["switch_f1"] and saved_results(out)["internal_rl"] == grid_run[1]["internal_rl"]
+    assert all(os.path.exists(os.path.join(out, f)) for f in ir.FIGURES)
     capsys.readouterr()
-    res2 = ir.main(TINY + ["--pretrain-steps", "20", "--out", out])                # same settings: reuse all 7
-    txt = capsys.readouterr().out
-    assert txt.count("reusing") == 7 and res2["probe_accuracy"] == res["probe_accuracy"]
-    assert res2["internal_rl"] == res["internal_rl"]
-    ir.main(TINY + ["--pretrain-steps", "20", "--out", out, "--ctrl-steps", "5"])  # only controllers change
-    txt = capsys.readouterr().out
-    assert txt.count("reusing") == 6 and txt.count("other settings") == 1
-    ir.main(TINY + ["--pretrain-steps", "20", "--out", out, "--ctrl-steps", "5", "--irl-lr", "1e-2"])
-    txt = capsys.readouterr().out                                          # an RL setting: the 3 RL runs
-    assert txt.count("reusing") == 4 and txt.count("other settings") == 3
-    ir.main(TINY + ["--pretrain-steps", "20", "--out", out, "--stop-after", "probe", "--lr", "1e-3"])
-    txt = capsys.readouterr().out                                          # a pretraining setting: all retrain
-    assert txt.count("reusing") == 0 and txt.count("other settings") == 2
+    res = ir.main(RUN + ["--out", out, "--stop-after", "probe", "--warmup", "5"])   # a new base model
+    assert res["stage_status"] == {"pretrain": "trained", "probe": "trained"}
+    assert "switch_f1" not in saved_results(out) and "token_rl" not in res
+    assert "leaves out those that no longer fit: controllers, metacontroller, token_rl, internal_rl, " \
+           "internal_rl_no_temporal" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, "beta_traces.png")) and os.path.exists(os.path.join(out, "probe_accuracy.png"))
 
 
-def test_corrupt_checkpoint_is_reported_with_the_fix(tmp_path):
+def numbers(results: dict):
+    """A run's results without what differs between identical runs: times, the folder, the stage status."""
+    if isinstance(results, dict):
+        return {k: numbers(v) for k, v in results.items() if k not in (
+            "args", "stage_status", "stage_time_s", "wall_time_s", "train_time_s", "minutes")}
+    return [numbers(v) for v in results] if isinstance(results, list) else results
+
+
+def test_a_retrained_parent_retrains_its_children(run_copy, grid_run):
+    out, run = run_copy
+    os.remove(os.path.join(out, "pretrain.pt"))                # retrained with the same settings and seed
+    res = run()
+    assert res["stage_status"] == dict.fromkeys(STAGE_CKPTS, "trained")
+    assert numbers(res) == numbers(grid_run[1])                # deterministic: the same numbers again
+    os.remove(os.path.join(out, "metacontroller.pt"))
+    status = run()["stage_status"]
+    assert [k for k, v in status.items() if v == "trained"] == ["metacontroller", "internal_rl", "internal_rl_no_temporal"]
+    assert run("--fresh", "--stop-after", "probe")["stage_status"] == {"pretrain": "trained", "probe": "trained"}
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "*.pt"))) == ["pretrain.pt", "probe.pt"]
+
+
+def flip_a_stored_byte(path: str) -> None:
+    """Flip one byte in the middle of a checkpoint's first stored tensor (its pickled metrics if it has none),
+    in place: torch.load does not check the zip's CRC, so only the checkpoint's own checksum can notice."""
+    with zipfile.ZipFile(path) as z:
+        entries = z.infolist()
+    entry = next((e for e in entries if "/data/" in e.filename), None) or next(e for e in entries if e.filename.endswith(".pkl"))
+    with open(path, "r+b") as f:
+        f.seek(entry.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        f.seek(entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x10]))
+
+
+@pytest.mark.parametrize("name", STAGE_CKPTS)
+def test_a_flipped_byte_in_any_checkpoint_is_named_and_never_used(run_copy, name):
+    out, run = run_copy
+    path = os.path.join(out, f"{name}.pt")
+    flip_a_stored_byte(path)
+    with pytest.raises(SystemExit) as e:
+        run()
+    assert path in str(e.value) and "delete it" in str(e.value) and "\n" not in str(e.value)
+    assert "is corrupt" in str(e.value) or "cannot read" in str(e.value)
+
+
+def test_an_unreadable_checkpoint_is_reported_with_the_fix(tmp_path):
     out = str(tmp_path / "run")
     os.makedirs(out)
     with open(os.path.join(out, "pretrain.pt"), "wb") as f:
@@ -442,6 +656,111 @@ def test_corrupt_checkpoint_is_reported_with_the_fix(tmp_path):
     with pytest.raises(SystemExit) as e:
         ir.main(TINY + ["--pretrain-steps", "5", "--out", out, "--stop-after", "pretrain"])
     assert "pretrain.pt" in str(e.value) and "delete it" in str(e.value)
+
+
+def load_copy(path: str, name: str):
+    """Import a copy of internal_rl.py as its own module (its own code, so its own fingerprints)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module                               # (dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    module.make_figures = lambda args, results: []
+    return module
+
+
+def test_editing_a_stage_retrains_it_and_what_builds_on_it(tmp_path):
+    """Reuse is keyed on the code: a changed line of the metacontroller's loss retrains the metacontroller and
+    internal RL (token-level RL does not use it); a changed line of pretraining retrains everything; comments
+    and figure code retrain nothing."""
+    src, out = open(os.path.join(HERE, "internal_rl.py")).read(), str(tmp_path / "run")
+
+    def run(code: str, i: int) -> dict:
+        path = str(tmp_path / f"irl_copy{i}.py")
+        with open(path, "w") as f:
+            f.write(code)
+        status = load_copy(path, f"irl_copy{i}").main(RUN + ["--out", out])["stage_status"]
+        return sorted(k for k, v in status.items() if v == "trained")
+
+    assert run(src, 0) == sorted(STAGE_CKPTS)
+    edits = [("    import matplotlib\n", "    import matplotlib            # a new comment\n"),      # figures
+             ("        loss = loss_a + args.obs_coef * loss_o\n",
+              "        # a comment in pretraining\n        loss = loss_a + args.obs_coef * loss_o  # and another\n"),
+             ('    """Eq. 3 with lambda = 0 on a D* batch', '    """(a docstring edit) Eq. 3 with lambda = 0 on a D* batch')]
+    for old, new in edits:
+        assert src.count(old) == 1
+        src = src.replace(old, new)
+    assert run(src, 1) == []
+    old = "    return nll + alpha * kl_mean, nll, kl_mean, beta, mask"
+    assert src.count(old) == 1
+    src = src.replace(old, old.replace("alpha * kl_mean", "0.5 * alpha * kl_mean"))
+    assert run(src, 2) == ["internal_rl", "internal_rl_no_temporal", "metacontroller"]
+    old = "        loss = loss_a + args.obs_coef * loss_o"
+    src = src.replace(old, old.replace("args.obs_coef", "2 * args.obs_coef"))
+    assert run(src, 3) == sorted(STAGE_CKPTS)
+
+
+def test_a_diverging_run_stops_with_one_line_and_valid_results(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        ir.main(TINY + ["--pretrain-steps", "20", "--lr", "1e4", "--warmup", "1", "--grad-clip", "1e9", "--out", out])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1
+    assert re.search(r"\[6 pretrain\] step \d+: the (loss|gradient norm) is (nan|inf).*smaller --lr \(now 10000.0\)", err)
+    res = saved_results(out)
+    assert res["stopped"] in err and "pretrain" not in res["stage_status"] and not glob.glob(os.path.join(out, "*.tmp"))
+    for flag in ("inf", "nan", "-inf"):                     # a non-finite setting never starts a run
+        with pytest.raises(SystemExit) as e:
+            ir.main(TINY + [f"--lr={flag}", "--out", out])
+        assert "--lr must be a finite number" in str(e.value)
+    assert saved_results(out)["stopped"] in err                # results.json untouched
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "unwritable"])
+def test_a_bad_out_folder_is_one_line(tmp_path, where):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    out = {"file": str(a_file), "under_file": str(a_file / "run"), "unwritable": "/sys/internal_rl_test_run"}[where]
+    if where == "unwritable" and os.access("/sys", os.W_OK) and not os.path.ismount("/sys"):
+        pytest.skip("/sys is writable here")
+    with pytest.raises(SystemExit) as e:
+        ir.main(TINY + ["--out", out])
+    assert str(e.value).startswith(f"internal_rl.py: error: --out {out}: cannot use it") and "\n" not in str(e.value)
+
+
+def test_an_interrupted_checkpoint_write_leaves_nothing_half_written(grid_run, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(grid_run[0], out)
+    before = open(os.path.join(out, "pretrain.pt"), "rb").read()
+
+    def interrupted_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ir.torch, "save", interrupted_save)
+    with pytest.raises(SystemExit) as e:                     # a changed setting: pretraining reruns and is cut off
+        ir.main(RUN + ["--out", out, "--warmup", "5"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and len(err.splitlines()) == 1 and "rerun the same command" in err
+    assert open(os.path.join(out, "pretrain.pt"), "rb").read() == before and not glob.glob(os.path.join(out, "*.tmp"))
+    assert saved_results(out)["stopped"] in err
+
+
+def test_ctrl_c_during_pretraining_says_what_is_kept_and_the_rerun_continues(tmp_path):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, os.path.join(HERE, "internal_rl.py")] + TINY + [
+        "--pretrain-steps", "60", "--eval-every", "20", "--log-every", "10", "--quick-probe-steps", "10", "--stop-after", "pretrain", "--out", out]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    for line in p.stdout:                                    # the step-20 checkpoint is saved before step 30's line
+        if "step 30/60" in line:
+            p.send_signal(signal.SIGINT)
+            break
+    rest, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "interrupted; finished stages: none" in err and "rerun the same command to continue" in err
+    assert not glob.glob(os.path.join(out, "*.tmp")) and saved_results(out)["stopped"] in err
+    ck = torch.load(os.path.join(out, "pretrain.pt"), weights_only=True)
+    assert not ck["finished"] and ck["step"] >= 20
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 0 and f"resuming {out}/pretrain.pt at step {ck['step']}" in p.stdout
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -455,6 +774,9 @@ def test_corrupt_checkpoint_is_reported_with_the_fix(tmp_path):
     (["--device", "tpu"], "valid choices: auto, cpu"),
     (["--task", "ant", "--n-train", "0"], "--n-train must be positive"),
     (["--n-train", "5"], "--n-train is for the ant"),
+    (["--action-noise", "0.1"], "--action-noise is for the ant"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--alpha", "inf"], "--alpha must be a finite number"),
     (["--task", "ant", "--stop-after", "nope"], "valid choices: pretrain"),
     (["--ctrl-rank", "0"], "full rank) is for the ant"),
     (["--obj-attn", "5"], "--obj-attn must be"),
@@ -539,7 +861,7 @@ def test_ant_data_do_not_depend_on_the_number_of_workers(tmp_path, monkeypatch, 
     assert 0 < sets[0]["expert"]["pretrain"] <= 1 and 0 <= sets[0]["expert"]["posttrain"] <= 1
 
 
-def test_ant_tiny_run_of_every_stage_and_reuse(tmp_path, capsys, monkeypatch, ant_env):
+def test_ant_tiny_run_of_every_stage_and_reuse(tmp_path, monkeypatch, ant_env):
     monkeypatch.setattr(ir.env_module("ant"), "MAX_STEPS", 40)   # short rollouts: an untrained ant rarely ends early
     out = str(tmp_path / "ant")
     r = ir.main(ANT_TINY + ["--pretrain-steps", "3", "--out", out])
@@ -550,10 +872,14 @@ def test_ant_tiny_run_of_every_stage_and_reuse(tmp_path, capsys, monkeypatch, an
     assert 0 <= r["switch_f1"] <= 1 and r["internal_rl"]["episodes"] == r["token_rl"]["episodes"] == 4
     for name in ("token_rl", "internal_rl", "internal_rl_no_temporal"):   # normalised by the expert (Fig. 8)
         assert r[name]["success_normalised"] == pytest.approx(r[name]["success"] / max(r["expert_success_posttrain"], 1e-9))
-    capsys.readouterr()
-    ir.main(ANT_TINY + ["--pretrain-steps", "3", "--out", out])
-    txt = capsys.readouterr().out
-    assert txt.count("reusing") == 8        # data, pretrain, probe, controllers, metacontroller, the three RL runs
+    assert r["stage_status"] == {"data": "trained", **dict.fromkeys(STAGE_CKPTS, "trained")}
+    monkeypatch.setattr(ir, "make_figures", lambda args, results: [])
+    r2 = ir.main(ANT_TINY + ["--pretrain-steps", "3", "--out", out])
+    assert r2["stage_status"] == {"data": "reused", **dict.fromkeys(STAGE_CKPTS, "reused")}
+    assert numbers(r2) == numbers(r)
+    flip_a_stored_byte(os.path.join(out, "data.pt"))               # the stored episodes are checked too
+    with pytest.raises(SystemExit, match="data.pt is corrupt"):
+        ir.main(ANT_TINY + ["--pretrain-steps", "3", "--out", out])
 
 
 # ------------------------------------------------------------------- metacontroller and internal RL
@@ -607,15 +933,144 @@ def test_kl_matches_closed_form():
     assert ir.gaussian_kl(torch.zeros(3, 8), torch.zeros(3, 8)).abs().max() == 0      # the prior itself: 0
 
 
-def test_metacontroller_gradients_reach_only_the_metacontroller(mc_setup):
-    args, model, b, mc, e, lengths = mc_setup
-    model.requires_grad_(False)
-    mc.zero_grad()
-    loss = ir.mc_loss(model, mc, b, args.n_layer // 2, alpha=0.1)[0]
-    loss.backward()
-    assert all(p.grad is None for p in model.parameters())
+def test_metacontroller_training_touches_only_the_metacontroller(tmp_path):
+    args = tiny_args(out=str(tmp_path), mc_steps=2)
+    torch.manual_seed(0)
+    model = ir.GPT(args)                                    # not frozen by the caller: the stage must do it
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = ir.make_datasets(args)
+    mc = ir.train_metacontroller(args, model, data, "cpu", ir.Logger(args.out), forced=False, tag="x", seed=0)["mc"]
+    assert all(p.grad is None for p in model.parameters())                  # no gradient reached the base
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     for part in (mc.embedder, mc.history, mc.encoder, mc.switch, mc.decoder):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_the_kl_is_charged_at_every_step_whatever_beta(mc_setup):
+    """Eq. 3's KL is not weighted by beta (App. E.1; a re-implementation shipped the weighted one): switching
+    almost never (beta ~ 0) or at every step (beta ~ 1) must give the same KL term."""
+    args, model, b, mc, e, lengths = mc_setup
+    kls = []
+    for bias in (-20.0, 20.0):
+        with torch.no_grad():
+            mc.switch[2].bias.fill_(bias)
+        torch.manual_seed(0)
+        kls.append(ir.mc_loss(model, mc, b, args.n_layer // 2, alpha=0.1)[2].item())
+    with torch.no_grad():
+        mc.switch[2].bias.fill_(0.0)
+    assert kls[0] > 0.01 and kls[0] == pytest.approx(kls[1], rel=1e-5)
+
+
+def test_eq2_holds_the_code_while_beta_is_0_and_takes_the_proposal_at_1(mc_setup):
+    args, model, b, mc, e, lengths = mc_setup
+    proposal, _, _ = mc(e, lengths, forced=True, sample=False)             # z~_t = mu_t at every step
+    with torch.no_grad():
+        mc.switch[2].bias.fill_(-20.0)                                       # beta_t ~ 0 after the first step
+        held, _, beta = mc(e, lengths, sample=False)
+        mc.switch[2].bias.fill_(20.0)                                        # beta_t ~ 1
+        taken, _, _ = mc(e, lengths, sample=False)
+        mc.switch[2].bias.fill_(0.0)
+    assert beta[:, 1:].max() < 1e-6 and not torch.allclose(proposal[:, 0], proposal[:, 5])
+    assert torch.allclose(held, held[:, :1].expand_as(held), atol=1e-5)    # z_t = z_1 for every t
+    assert torch.allclose(taken, proposal, atol=1e-5)                       # z_t = z~_t
+
+
+def test_the_agents_code_samples_follow_zpolicy_log_prob(mc_setup):
+    """InternalAgent samples z step by step in rollouts; ZPolicy.log_prob scores them afterwards from the
+    decision sequences. Where the two agree, log pi of the samples averages the Gaussian's -entropy."""
+    args, model, b, mc, e, lengths = mc_setup
+    torch.manual_seed(3)
+    pi = ir.ZPolicy(args)
+    with torch.no_grad():
+        pi.mu.weight.normal_(0, 0.5)
+        pi.log_std.uniform_(-1.0, 0.0)
+    n, T = 256, 12
+    xs = torch.randn(n, T, args.n_embd)
+    agent = ir.InternalAgent(mc, pi, n, seed=0, forced=False)                # switch bias 0: beta spread out
+    for t in range(T):
+        agent(xs[:, t:t + 1])
+    e_dec, z_dec, mask = agent.decisions(torch.full((n,), T))
+    assert 2 < mask.sum(1).float().mean() < T - 2                           # decisions at some steps only
+    lp = pi.log_prob(e_dec, z_dec)[mask > 0]
+    expect = -(args.n_z * 0.5 * (1 + math.log(2 * math.pi)) + pi.log_std.sum().item())
+    assert abs(lp.mean().item() - expect) < 0.2
+
+
+def test_rollout_switches_match_the_trained_switching_unit(mc_setup):
+    """The binarised switch of a rollout (Alg. 2) is beta_t >= 0.5 of training's forward (Eq. 16), step for step,
+    when both see the same codes: here a constant proposal c, which the z-policy also samples (std ~ 0)."""
+    args, model, b, mc, e, lengths = mc_setup
+    mc2, pi = copy.deepcopy(mc), ir.ZPolicy(args)
+    c = torch.randn(args.n_z)
+    with torch.no_grad():
+        mc2.encoder[2].weight.zero_()
+        mc2.encoder[2].bias.copy_(torch.cat([c, torch.zeros(args.n_z)]))     # mu_t = c, logvar_t = 0
+        mc2.switch[2].bias.fill_(0.0)
+        pi.mu.bias.copy_(c)
+        pi.log_std.fill_(-30.0)
+        _, _, beta = mc2(e, lengths, sample=False)
+        mc2.switch[2].bias.sub_(torch.logit(beta[:, 1:].median()))           # about half the steps switch
+        _, _, beta = mc2(e, lengths, sample=False)                         # training: z_{t-1} = c
+    agent = ir.InternalAgent(mc2, pi, e.shape[0], seed=0, forced=False)
+    for t in range(e.shape[1]):
+        agent(e[:, t:t + 1])
+    decide = torch.stack(agent.decide, 1)                                    # (B, T)
+    real = ir.step_mask(lengths, e.shape[1]).bool() & ((beta - 0.5).abs() > 1e-4)
+    real[:, 0] = False                                                       # (t = 1 always switches in both)
+    assert torch.equal(decide[real], (beta >= 0.5)[real])
+    assert decide[real].any() and not decide[real].all()
+
+
+@pytest.fixture
+def unfrozen(mc_setup):
+    """Copies of the fixture's base model and metacontroller that nobody has frozen."""
+    args, model, b, mc, e, lengths = mc_setup
+    return args, copy.deepcopy(model).requires_grad_(True), copy.deepcopy(mc).requires_grad_(True)
+
+
+def test_internal_rl_update_makes_rewarded_codes_likelier_and_touches_only_the_policy(unfrozen, monkeypatch, tmp_path):
+    """A planted reward pays for episodes whose first code has z_1 > 0 (a half-space); one update of the real
+    internal_rl() must raise the policy's probability of that half-space, and nothing but the policy trains."""
+    args, model, mc = unfrozen
+    before = {k: v.clone() for k, v in {**model.state_dict(), **{"mc." + k: v for k, v in mc.state_dict().items()}}.items()}
+    real = ir.rollout
+
+    def planted(*a, ctrl_fn=None, **kw):
+        r = real(*a, ctrl_fn=ctrl_fn, **kw)
+        r["rewards"] = (ctrl_fn.zs[0][:, 0] > 0).float()                     # the codes of the first decision
+        return r
+    monkeypatch.setattr(ir, "rollout", planted)
+    a = ir.Args(**{**args.__dict__, "rl_episodes": 64, "rl_batch": 64, "rl_eval": 8, "irl_lr": 0.03})   # one batch
+    ck = ir.internal_rl(a, model, mc, {"eval_seed": 0}, "cpu", ir.Logger(str(tmp_path)), forced=False)
+    assert ck["metrics"]["curve"][0][1] > 0.2                              # the batch had rewarded episodes
+    pi = ir.ZPolicy(a)
+    pi.load_state_dict(ck["policy"])
+    e0 = real(model, gw.POSTTRAIN_TASK, 32, 5, "cpu", record=True)["obs"][:, :1]
+    with torch.no_grad():
+        out, _ = pi.gru(model.lower(e0, args.n_layer // 2))
+        p_half = torch.distributions.Normal(0.0, 1.0).cdf(pi.mu(out[:, 0])[:, 0] / pi.log_std.exp()[0])
+    assert p_half.min() > 0.52                                               # 0.5 before the update
+    after = {**model.state_dict(), **{"mc." + k: v for k, v in mc.state_dict().items()}}
+    assert all(torch.equal(before[k], v) for k, v in after.items())
+    assert all(p.grad is None for p in list(model.parameters()) + list(mc.parameters()))
+
+
+def test_token_rl_trains_a_copy_and_leaves_the_frozen_base_untouched(unfrozen, monkeypatch, tmp_path):
+    args, model, _ = unfrozen
+    model.requires_grad_(False)                                              # as main() hands it over
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real = ir.rollout
+
+    def planted(*a, **kw):
+        r = real(*a, **kw)
+        if "rewards" in r:                                                   # training batches, not the test
+            r["rewards"] = (torch.arange(len(r["rewards"])) % 2 == 0).float()   # every other one "succeeds"
+        return r
+    monkeypatch.setattr(ir, "rollout", planted)
+    a = ir.Args(**{**args.__dict__, "rl_episodes": 16, "rl_batch": 16, "rl_eval": 8, "token_lr": 1e-3})
+    ck = ir.token_rl(a, model, {"eval_seed": 0}, "cpu", ir.Logger(str(tmp_path)))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not all(torch.equal(before[k], ck["policy"][k]) for k in before)    # the copy did train
 
 
 def test_metacontroller_seeds_keep_the_lowest_heldout_eq3(tmp_path):
@@ -623,7 +1078,9 @@ def test_metacontroller_seeds_keep_the_lowest_heldout_eq3(tmp_path):
     torch.manual_seed(0)
     model = ir.GPT(args).requires_grad_(False).eval()
     data, log = ir.make_datasets(args), ir.Logger(args.out)
-    mcs, m = ir.metacontroller_stage(args, model, data, "cpu", log)
+    ck = ir.metacontroller_stage(args, model, data, "cpu", log)
+    m, mcs = ck["metrics"], {"mc": ir.MetaController(args)}
+    mcs["mc"].load_state_dict(ck["mc"])
     eq3 = {c["seed"]: c["eq3"] for c in m["mc_candidates"]}
     assert sorted(eq3) == [0, 1000] and eq3[0] != eq3[1000] and m["mc_seed"] == min(eq3, key=eq3.get)
     # the kept one is that seed's metacontroller, and its Eq. 3 is on held-out D*[n_probe/2:n_probe]
@@ -640,7 +1097,9 @@ def test_metacontroller_screening_continues_the_kept_seed(tmp_path):
     torch.manual_seed(0)
     model = ir.GPT(args).requires_grad_(False).eval()
     data, log = ir.make_datasets(args), ir.Logger(args.out)
-    mcs, m = ir.metacontroller_stage(args, model, data, "cpu", log)
+    ck = ir.metacontroller_stage(args, model, data, "cpu", log)
+    m, mcs = ck["metrics"], {"mc": ir.MetaController(args)}
+    mcs["mc"].load_state_dict(ck["mc"])
     assert m["mc_screen_steps"] == 4
     half = ir.train_metacontroller(args, model, data, "cpu", log, forced=False, tag="x", seed=m["mc_seed"], until=4)
     sel = ir.switch_alignment(model, half["mc"], data["dstar_heldout"][16:32], args.n_layer // 2, "cpu")
@@ -743,24 +1202,10 @@ def test_rl_update_makes_rewarded_episodes_more_likely(model_and_batch):
     logp_fn = lambda bb: ir.token_logp(policy, bb["obs"], bb["actions"])
     score = lambda: ((logp_fn(batch) * batch["mask"]).sum(1) / batch["mask"].sum(1)).detach()
     before = score()
-    a = ir.Args(**{**args.__dict__, "rl_episodes": 64, "rl_batch": 16, "rl_epochs": 2})
-    ir.rl_train(a, "9 test", lambda n, s: batch, logp_fn, list(policy.parameters()), 1e-3, 0, lambda *x, **k: None)
+    a = ir.Args(**{**args.__dict__, "rl_episodes": 64, "rl_batch": 16, "rl_epochs": 2, "token_lr": 1e-3})
+    ir.rl_train(a, "9 test", lambda n, s: batch, logp_fn, list(policy.parameters()), "token-lr", 0, lambda *x, **k: None)
     gain = score() - before
     assert gain[0::2].mean() > 0 > gain[1::2].mean()
-
-
-def test_internal_rl_gradients_reach_only_the_policy(mc_setup):
-    args, model, b, mc, e, lengths = mc_setup
-    model.requires_grad_(False)
-    a = ir.Args(**{**args.__dict__, "rl_episodes": 16, "rl_batch": 8})
-    policy, collect, m = ir.internal_rl(a, model, mc, 0, "cpu", lambda *x, **k: None, False, "test")
-    batch = collect(8, 0)
-    mc.zero_grad()
-    ir.ppo_loss(policy.log_prob(batch["e"], batch["z"]), policy.log_prob(batch["e"], batch["z"]).detach(),
-                torch.randn(8), batch["mask"], 0.2).backward()
-    assert all(p.grad is not None for p in policy.parameters())
-    assert all(p.grad is None for p in mc.parameters()) and all(p.grad is None for p in model.parameters())
-    mc.requires_grad_(True)
 
 
 def test_boundary_f1_on_a_hand_made_example():
@@ -773,15 +1218,6 @@ def test_boundary_f1_on_a_hand_made_example():
     two = ir.boundary_f1([[0, 0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0]], [[0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1]],
                          [7, 7])                                            # episode 2 has one boundary (t = 1)
     assert two["recall_by_boundary"] == [1.0, 0.0] and two["recall"] == 2 / 3
-
-
-def test_first_colour_direction_on_a_hand_made_layout():
-    # the agent at (3, 3) = cell 24; colour 2 (pair 1's first colour) up, down, left or right of it, with
-    # the larger offset deciding; a tie counts as vertical
-    obs = torch.zeros(5, 13, dtype=torch.long)
-    obs[:, -1] = 24
-    obs[:, 4 + 2] = torch.tensor([1 * 7 + 2, 6 * 7 + 4, 3 * 7 + 0, 2 * 7 + 6, 5 * 7 + 1])   # (row, col): (1,2) (6,4) (3,0) (2,6) (5,1)
-    assert ir.first_colour_direction(obs, torch.ones(5, dtype=torch.long)).tolist() == [0, 1, 2, 3, 1]
 
 
 def test_first_colour_segments_mark_only_first_colour_visits():

@@ -1347,11 +1347,6 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
         nll = controlled_nll(model, ctrl, layer, data["dstar_heldout"][:args.n_probe // 2], device)
         pre, post = rollout_pair(model, ctrl_fn=ctrl, ctrl_layer=layer, **ev)
         per_layer[layer] = {"nll": nll, "pretrain": pre, "posttrain": post}
-        if layer == args.n_layer // 2 and not args.greedy:      # diagnostic: the same controllers, argmax actions
-            pre_g, post_g = rollout_pair(model, ctrl_fn=ctrl, ctrl_layer=layer, **{**ev, "greedy": True})
-            per_layer[layer].update(pretrain_greedy=pre_g["success"], posttrain_greedy=post_g["success"])
-            log("8 controllers", f"layer {layer}, argmax actions instead of sampling (diagnostic): pretraining tasks "
-                f"{pre_g['success']:.3f} | post-training task {post_g['success']:.3f}")
         if layer == args.n_layer // 2:            # diagnostic: where the post-training episodes fail
             top = sorted(((n, i, j) for i, row in enumerate(post["wrong_subgoal"]) for j, n in enumerate(row) if n),
                          reverse=True)[:4]

@@ -24,6 +24,7 @@ from gymnasium.utils.env_checker import check_env
 import gridworld as gw
 import internal_rl as ir
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--n-embd", "32", "--n-layer", "2", "--n-head", "2", "--batch-size", "32", "--bucket-batches", "2",
         "--n-heldout", "64", "--n-dstar", "64", "--probe-steps", "30", "--ctrl-steps", "10", "--ctrl-batch", "16",
@@ -744,23 +745,31 @@ def test_an_interrupted_checkpoint_write_leaves_nothing_half_written(grid_run, t
     assert saved_results(out)["stopped"] in err
 
 
-def test_ctrl_c_during_pretraining_says_what_is_kept_and_the_rerun_continues(tmp_path):
+def test_ctrl_c_during_pretraining_says_what_is_kept_and_the_rerun_continues(tmp_path, monkeypatch, capsys):
+    """A real SIGINT, sent to this process right after pretraining logs step 30 (its step-20 checkpoint is saved)."""
     out = str(tmp_path / "run")
-    cmd = [sys.executable, os.path.join(HERE, "internal_rl.py")] + TINY + [
-        "--pretrain-steps", "60", "--eval-every", "20", "--log-every", "10", "--quick-probe-steps", "10", "--stop-after", "pretrain", "--out", out]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
-    for line in p.stdout:                                    # the step-20 checkpoint is saved before step 30's line
-        if "step 30/60" in line:
-            p.send_signal(signal.SIGINT)
-            break
-    rest, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    argv = TINY + ["--pretrain-steps", "60", "--eval-every", "20", "--log-every", "10", "--quick-probe-steps", "10",
+                   "--stop-after", "pretrain", "--out", out]
+    log = ir.Logger.__call__
+
+    def log_then_ctrl_c(self, stage, msg, **metrics):
+        log(self, stage, msg, **metrics)
+        if "step 30/60" in msg:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(ir.Logger, "__call__", log_then_ctrl_c)
+    monkeypatch.setattr(ir, "make_figures", lambda args, results: [])
+    with pytest.raises(SystemExit) as e:
+        ir.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and len(err.splitlines()) == 1
     assert "interrupted; finished stages: none" in err and "rerun the same command to continue" in err
     assert not glob.glob(os.path.join(out, "*.tmp")) and saved_results(out)["stopped"] in err
     ck = torch.load(os.path.join(out, "pretrain.pt"), weights_only=True)
-    assert not ck["finished"] and ck["step"] >= 20
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=120)
-    assert p.returncode == 0 and f"resuming {out}/pretrain.pt at step {ck['step']}" in p.stdout
+    assert not ck["finished"] and ck["step"] == 20
+    monkeypatch.setattr(ir.Logger, "__call__", log)
+    res = ir.main(argv)                                      # the same command again
+    assert res["stage_status"] == {"pretrain": "trained"} and res["pretrain"]["steps"] == 60
+    assert f"resuming {out}/pretrain.pt at step 20" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, needle", [

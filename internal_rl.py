@@ -3,90 +3,65 @@
     "Emergent temporal abstractions in autoregressive models enable hierarchical reinforcement learning"
     Kobayashi, Schimpf, Schlegel, ..., Meulemans, Sacramento (2025), arXiv:2512.20605.
 
-Read it top to bottom; every section is one step of the paper's pipeline.
+Read it top to bottom: every section is one step of the paper's pipeline, in the order a run performs them.
 
 The pipeline (section numbers of this file in brackets)
-------------------------------------------------------
-    expert trajectories (no rewards, no labels)                                [3]
+    expert trajectories (no rewards, no labels)                                 [3]
             |  next-action prediction + lambda * next-observation prediction (Eq. 5)
             v
-    causal transformer  o_{1:t} -> e_{t,0} -> block 1 -> ... -> block L -> a_t  [4, 6]
+    causal transformer  o_{1:t} -> e_{t,0} -> block 1 -> ... -> block L -> a_t   [4, 6]
             |                                  ^
-            |  e_{t,l} (the residual stream)   |  e <- e + U e  (a linear controller, Eq. 1)
+            |  e_{t,l}: the residual stream    |  e <- e + U e: a linear controller (Eq. 1)
             v                                  |
-    linear probes: is the current subgoal    ground-truth controllers: one U per subgoal,
-    linearly decodable at layer l? [7]       switched by the true subgoal, steer the frozen
-                                             model through unseen subgoal orders [8]
+    linear probes: is the current subgoal    ground-truth controllers: one U per subgoal, switched
+    linearly readable at layer l? [7]        by the true subgoal, steer the frozen model [8]
             |
             v
-    metacontroller: learns, without labels, a sequence of controllers U_t = f_hyp(z_t)  [10]
-    and when to switch between them (beta_t), from the frozen model's residual stream
+    metacontroller: learns without labels a sequence of controllers U_t = f_hyp(z_t) and when to
+    switch between them (beta_t), from the frozen model's residual stream (Eq. 2-3)            [10]
             |
             v
-    internal RL: a causal policy picks z only when the frozen switch fires; the frozen   [11]
-    model acts. Compared with RL on primitive actions (token-level RL) [9] on a task whose
-    subgoal order pretraining never showed.
+    internal RL: a causal policy picks a code z only when the frozen switch fires; the frozen   [11]
+    model acts. Compared with RL on primitive actions (token-level RL) [9] on a task whose subgoal
+    order pretraining never showed.
 
-Commands (2-core CPU)
----------------------
-    python internal_rl.py --task grid                              # every stage
-    python internal_rl.py --task grid --stop-after pretrain        # or: probe, controllers, metacontroller
-    python internal_rl.py --task grid --seed 1 --out runs/grid-seed1
-    python internal_rl.py --task ant                               # the MuJoCo ant, every stage
-    python -m pytest -q test_internal_rl.py                        # the tests, about a minute
-Outputs go to ``--out`` (default ``runs/<task>-seed<seed>``): checkpoints (``*.pt``), ``metrics.jsonl``
-(one JSON line per log line), figures (``*.png``) and ``results.json``. A rerun reuses every finished stage
-whose settings and code are unchanged; a changed setting or an edited function retrains the stages that read
-it and every stage built on them (section 2); ``--fresh`` retrains all. Ctrl-C keeps the finished stages (and
-pretraining's last evaluation): rerun the same command to continue.
+Commands (a 2-core CPU is enough)
+    python internal_rl.py --task grid                      # every stage, the default preset
+    python internal_rl.py --task grid --preset quick       # every stage in a few minutes: a smoke run, a demo
+    python internal_rl.py --task grid --stop-after probe   # or: pretrain, controllers, metacontroller, rl
+    python internal_rl.py --task ant                       # the MuJoCo ant (MUJOCO_GL=egl for its picture)
+    python internal_rl.py --task grid --help               # every setting, with this task's and preset's defaults
+    python -m pytest -q test_internal_rl.py                # the tests
+Outputs go to --out (default runs/<task>-seed<seed>, with -quick for the quick preset): checkpoints (*.pt),
+metrics.jsonl (every log line as JSON), figures (*.png) and results.json. A rerun reuses every finished stage
+whose settings and code are unchanged, and retrains a stage whose settings or code changed together with
+every stage built on it (section 2); --fresh retrains all. Ctrl-C keeps what is finished: rerun the same
+command to continue. Log lines start with the number of the section that writes them.
 
-What to expect (2-core CPU, defaults; the README has the measured tables and what they mean)
-    Grid: ~35 min for every stage on a fast day (up to ~1.8x longer on a slow one). The current subgoal becomes
-    linearly decodable mid-depth (probe ~0.38 at the input -> ~0.57-0.58 at layer L/2, chance 0.25) and
-    ground-truth controllers steer the pretraining tasks (success 0.72-0.75, base model 0.06-0.08), but the
-    post-training task's unseen subgoal order only rarely (0.00-0.09), although controllers that also saw
-    post-training episodes (a logged diagnostic) steer it in ~0.5 of episodes. The kept metacontroller of six
-    switches at the subgoal boundaries on seeds 0 and 2 (switch F1 0.998, 0.984; seed 1: 0.14), but its codes
-    name a direction, not a subgoal, and no RL method has solved the task at CPU scale.
-    Ant: every stage in 27-60 min, by the day, but no subgoal code emerges yet (probes at chance), so the stages after
-    pretraining have nothing to steer with (README).
-
-Table of contents (the section banners below carry the same numbers; log lines are prefixed with them)
-    1. Args: every setting, with per-task defaults
-    2. Plumbing: seeding, logging, checkpoints that know their settings
+Table of contents (the section banners below carry these numbers)
+    1. Args: every setting, presets per task
+    2. Plumbing: logging, and checkpoints that know what made them
     3. Data: expert trajectories D and D*, length-bucketed batches
     4. The base model: a causal transformer with an explicit residual stream
-    5. Rollouts: the frozen model (optionally controlled) acting in the env, with a KV cache
+    5. Rollouts: the frozen model, optionally controlled, acting in the env
     6. Stage "pretrain": next-action prediction (Eq. 5)
-    7. Stage "probe": linear probes of the current subgoal, per layer (Sec. 5.1 of PAPER.md, Fig. 3)
-    8. Stage "controllers": ground-truth residual-stream controllers (Eq. 1, Fig. 4)
-    9. The RL toolkit and token-level RL (PPO-style, no critic, one advantage per trajectory)
-    10. Stage "metacontroller": the non-causal abstraction model (Eq. 2-3)
-    11. Stage "rl": internal RL (Alg. 1-3), its forced-switching ablation, and token-level RL
+    7. Stage "probe": linear probes of the current subgoal (Sec. 5.1, Eq. 6-7, Fig. 3)
+    8. Stage "controllers": ground-truth residual-stream controllers (Eq. 1, Sec. 5.2, Fig. 4)
+    9. The RL toolkit and token-level RL (App. C.5.2: clipped ratio, no critic, one advantage per episode)
+    10. Stage "metacontroller": discovering subgoals and when to switch (Sec. 6, Eq. 2-3)
+    11. Internal RL: RL in the metacontroller's code space (Sec. 8, Alg. 1-3)
     12. Figures
     13. main(): the stages in order
 
 Notation (shape comments use these letters)
-    B batch (episodes)   T time steps   D residual width (n_embd)   L blocks (n_layer)   H heads
-    K subgoals (4: colour pairs in the grid, colours on the ant)   r controller rank (16)   Z code size (n_z = 8)
-    e_{t,l} residual at step t after block l (l = 0: the input embedding)   U a D x D controller, e <- e + U e
+    B batch (episodes)   T time steps   D residual width (n_embd)   L blocks (n_layer)   nh attention heads
+    G subgoals (4: colour pairs on the grid, colours on the ant)   r controller rank   Z code size (n_z)
+    e_{t,l} the residual at step t after block l (l = 0: the input embedding)   U a D x D controller
 
-Deliberate choices and deviations from the paper (the README gives the reasons and measurements)
-    * Size: d=64, 4 blocks, 4 heads, ~6e5 training episodes (paper: d=256, 6 blocks, ~2.6e8), for the CPU
-      budget; the controlled layer is L/2 = 2 as in the paper; pretraining ends with a linear lr cool-down.
-    * Input embedding (the paper leaves it open): objects re-indexed around the agent plus the agent's cell; no
-      task information, and the subgoal code emerged ~8x faster per CPU-second than a flat one-hot (PAPER.md 13).
-    * Object attention (grid, --obj-attn): the top block also attends over the current step's objects (section 4).
-    * Next-observation loss: cross-entropy on the agent's next cell (the only part of o_{t+1} that changes).
-    * Shorter schedules, larger learning rates than Tables A4/A6/A7/A9 (values in Args); alpha ramps up over
-      the first 600 metacontroller steps on the grid, 30% of them on the ant (without it the posterior
-      collapsed). RL: 24,576 episodes each.
-    * Sequence embedder, history GRU and z-policy are GRUs (the paper: Hawk SSMs).
-    * Grid: six metacontroller seeds screened at 1,000 steps, the lowest held-out Eq. 3 kept and trained on
-      to 3,000 for RL (the paper trains 3 and reports their median).
-    * The ant (ant_tasks.py): the same transformer (paper: a Hawk SSM) with a linear input embedding and a
-      Gaussian action head, no next-observation loss (Table A5: lambda 10); a hand-designed expert (paper:
-      PPO); full-rank controllers and decoder (Table A8).
+Deviations from the paper (the README's table has them all, with reasons): a CPU-sized model and budget (d=64,
+4 blocks; the paper: d=256, 6 blocks, ~400x the episodes); an agent-centred input embedding and object attention
+(section 4); GRUs where the paper uses Hawk SSMs; a KL warm-up and a label-free choice among metacontroller seeds
+(section 10); on the ant, a hand-designed expert instead of PPO.
 """
 from __future__ import annotations
 
@@ -113,10 +88,10 @@ import gridworld as gw
 
 
 # ---------------------------------------------------------------------------------------------------
-# 1. Args: every setting, with per-task defaults
-# Every tunable number of the file lives here, grouped by the section that uses it; `--help` prints the
-# same text. Per-task overrides sit in TASK_PRESETS just below, so the grid and ant defaults can be
-# compared in one place. The defaults are what the README's numbers were measured with.
+# 1. Args: every setting, presets per task
+# Every tunable number of the file lives here, grouped by the section that uses it; --help prints the same
+# text with the defaults of the chosen --task and --preset. A preset only overrides some fields; the rest
+# keep the dataclass defaults below.
 def arg(default, help: str):
     """A dataclass field that carries its own --help text."""
     return field(default=default, metadata={"help": help})
@@ -126,101 +101,97 @@ def arg(default, help: str):
 class Args:
     # -- run --
     task: str = arg("grid", "environment: grid (gridworld-pinpad) or ant (ant-pinpad, MuJoCo)")
-    seed: int = arg(0, "seed for everything (data, init, evaluation episodes)")
+    preset: str = arg("default", "default (the full run) or quick (every stage in minutes: demos, smoke runs, tests)")
+    seed: int = arg(0, "seed for everything (data, initialisation, evaluation episodes)")
     device: str = arg("auto", "cpu, cuda, or auto (cuda when present)")
-    out: str = arg("", "run folder (default runs/<task>-seed<seed>)")
+    out: str = arg("", "run folder (default runs/<task>-seed<seed>, plus -<preset> for a preset other than default)")
     stop_after: str = arg("rl", "last stage to run: pretrain, probe, controllers, metacontroller or rl")
-    threads: int = arg(0, "torch CPU threads (0 = all cores)")
     log_every: int = arg(200, "log a training line every this many steps")
     fresh: bool = arg(False, "retrain every stage: delete the run folder's checkpoints first")
     # -- data (section 3) --
-    epsilon: float = arg(0.0, "expert noise for dataset D: probability of a random non-terminating action (paper: 0)")
-    batch_size: int = arg(64, "episodes per pretraining batch (padded; batches are length-bucketed)")
-    bucket_batches: int = arg(8, "batches generated together and sorted by length, to cut padding")
+    epsilon: float = arg(0.0, "expert noise in D: probability of a random non-terminating action (paper: 0)")
+    batch_size: int = arg(64, "episodes per pretraining batch")
+    bucket_batches: int = arg(8, "batches drawn together and sorted by length, to cut padding")
     n_heldout: int = arg(2000, "held-out episodes of D (pretraining metrics)")
-    n_dstar: int = arg(8000, "episodes of the clean set D* (epsilon = 0) for controllers; as many again held out")
-    n_train: int = arg(0, "episodes of a stored dataset D, reused every epoch (ant); 0 = fresh episodes every step (grid)")
-    action_noise: float = arg(0.0, "ant: std of Gaussian noise on the expert's actions in D (D* never has any)")
-    workers: int = arg(2, "processes that generate stored expert episodes (ant; one training job per machine)")
-    expert_eval: int = arg(200, "ant: post-training episodes that measure the expert's success (RL is normalised by it)")
+    n_dstar: int = arg(8000, "episodes of D* (epsilon = 0) for controllers and metacontroller; as many again held out")
+    n_train: int = arg(0, "ant: episodes of the stored set D, reused every epoch (the grid draws fresh ones)")
+    action_noise: float = arg(0.0, "ant: std of Gaussian noise on the expert's actions in D (D* has none)")
+    workers: int = arg(2, "ant: processes that generate the stored expert episodes")
+    expert_eval: int = arg(200, "ant: post-training episodes that measure the expert (RL is normalised by it)")
     # -- base model (section 4) --
-    n_layer: int = arg(4, "transformer blocks L (paper: 6)")
+    n_layer: int = arg(4, "transformer blocks L (Table A4: 6)")
     n_head: int = arg(4, "attention heads")
-    n_embd: int = arg(64, "residual width D (paper: 256)")
-    obj_attn: str = arg("", "grid: blocks that also attend over the 12 objects of the current step (object attention, "
-                            "a deviation; see section 4): 'last' (block L, the grid preset), a comma list of 1..L, "
-                            "e.g. '3,4', or '' = none")
-    mlp_mult: int = arg(4, "MLP hidden = mlp_mult * n_embd (ReLU, as Table A16)")
+    n_embd: int = arg(64, "residual width D (Table A4: 256)")
+    obj_attn: str = arg("", "grid: blocks that also attend over the current step's 12 objects (section 4): 'last', "
+                            "a comma list of 1..L, or '' for none")
+    mlp_mult: int = arg(4, "MLP hidden = mlp_mult * n_embd (ReLU, Table A16)")
     rel_buckets: int = arg(32, "relative-position attention-bias buckets (Table A16: 32)")
-    rel_max_distance: int = arg(128, "distance where the last (shared) bias bucket starts; see relative_buckets()")
     # -- pretraining (section 6) --
-    pretrain_steps: int = arg(9600, "optimiser steps; every batch is fresh expert data")
+    pretrain_steps: int = arg(9600, "optimiser steps; every grid batch is fresh expert data")
     lr: float = arg(2e-3, "AdamW learning rate (Table A4: 3e-4 at batch 1024)")
     warmup: int = arg(200, "linear learning-rate warm-up steps, then constant (Table A4: constant)")
     cooldown: float = arg(0.3, "fraction of the final steps over which the learning rate decays linearly to 0")
     weight_decay: float = arg(0.03, "AdamW weight decay (Table A4)")
-    obs_coef: float = arg(0.01, "lambda in Eq. 5: weight of the next-observation loss (Table A4: [0, 0.01])")
+    obs_coef: float = arg(0.01, "lambda in Eq. 5: weight of the next-observation loss (Table A4: 0 to 0.01)")
     grad_clip: float = arg(1.0, "gradient-norm clip")
-    eval_every: int = arg(1000, "held-out metrics + a quick probe every this many pretraining steps")
-    quick_probe_episodes: int = arg(1000, "held-out D* episodes for the quick probe during pretraining")
-    quick_probe_steps: int = arg(200, "probe steps of that quick probe")
+    eval_every: int = arg(1000, "held-out metrics every this many pretraining steps")
     # -- probes (section 7) --
     n_probe: int = arg(4000, "held-out D* episodes for the probes (half to fit, half to score)")
     probe_steps: int = arg(300, "full-batch AdamW steps per layer probe")
-    probe_lr: float = arg(5e-2, "probe learning rate (features are standardised; 1e-2 under-fits in 300 steps)")
+    probe_lr: float = arg(5e-2, "probe learning rate (the features are standardised)")
     # -- controllers (section 8) --
     ctrl_rank: int = arg(16, "rank r of each controller U = A B^T (Table A7: 16); 0 = full rank D (Table A8, ant)")
-    ctrl_steps: int = arg(400, "optimiser steps per layer (Table A7: 3200 at batch 512; ours plateau by ~300)")
-    ctrl_batch: int = arg(128, "episodes of D* per controller batch")
+    ctrl_steps: int = arg(400, "optimiser steps per layer (Table A7: 3200 at batch 512)")
+    ctrl_batch: int = arg(128, "D* episodes per controller batch")
     ctrl_lr: float = arg(3e-3, "controller learning rate (Table A7: 1e-3)")
-    ctrl_layers: str = arg("all", "layers to train controllers at: 'all' (0..L), 'mid' (L/2) or a comma list, e.g. '1,2'")
+    ctrl_layers: str = arg("all", "layers to train controllers at: 'all' (0..L), 'mid' (L/2) or a comma list")
     n_eval: int = arg(500, "evaluation episodes per task family (pretraining tasks / post-training task)")
-    greedy: bool = arg(False, "evaluate with argmax actions instead of sampling (the paper samples)")
-    ctrl_oracle: bool = arg(True, "grid diagnostic, not the paper's protocol: also train controllers at L/2 on D* plus "
-                                  "expert episodes of the post-training task (is the model steerable there at all?)")
+    ctrl_oracle: bool = arg(True, "grid diagnostic, not the paper's protocol: also train controllers at L/2 on D* "
+                                  "plus expert episodes of the post-training task (can the model be steered there?)")
     # -- the RL toolkit and token-level RL (section 9) --
-    rl_episodes: int = arg(24576, "training episodes per RL method (all three get the same budget)")
-    rl_batch: int = arg(256, "episodes per RL batch B (Table A13: 1024)")
-    rl_epochs: int = arg(2, "optimiser steps per batch (full-batch PPO epochs; the paper does not say)")
-    clip_coef: float = arg(0.2, "PPO ratio clip epsilon (the paper does not say; 0.2 as usual)")
-    token_lr: float = arg(1e-5, "AdamW learning rate of token-level RL, whole base model (Table A13 scan: 3e-6..3e-4)")
-    rl_eval: int = arg(1000, "post-training episodes of each final evaluation, on env seeds unused in training")
+    rl_episodes: int = arg(24576, "training episodes per RL method (every method gets the same budget)")
+    rl_batch: int = arg(256, "episodes per RL batch (Table A13: 1024)")
+    rl_epochs: int = arg(2, "optimiser steps per batch (full-batch PPO epochs)")
+    clip_coef: float = arg(0.2, "PPO ratio clip epsilon")
+    token_lr: float = arg(1e-5, "AdamW learning rate of token-level RL, whole base model (Table A13: 3e-6 to 3e-4)")
+    rl_eval: int = arg(1000, "post-training episodes of each final test, on env seeds unused in training")
     # -- the metacontroller (section 10) --
-    alpha: float = arg(0.1, "KL strength alpha in Eq. 3 (Table A9 sweeps 0..1; the README has our sweep)")
-    n_z: int = arg(8, "size of the controller code z (Table A9: 8)")
-    mc_hidden: int = arg(32, "history GRU, sequence embedding and decoder hidden sizes (Table A9: 32)")
-    mc_enc_hidden: int = arg(64, "encoder and switching-unit MLP hidden size (Table A9: encoder 64)")
-    mc_steps: int = arg(2000, "metacontroller optimiser steps (grid preset: 3000; Table A9: 64,000 at batch 512)")
+    alpha: float = arg(0.1, "KL weight alpha in Eq. 3 (Table A9 sweeps 0 to 1)")
+    n_z: int = arg(8, "size Z of the controller code z (Table A9: 8)")
+    mc_hidden: int = arg(32, "hidden size of the history GRU, the sequence embedding and the decoder (Table A9: 32)")
+    mc_enc_hidden: int = arg(64, "hidden size of the encoder and switching-unit MLPs (Table A9: 64)")
+    mc_steps: int = arg(2000, "metacontroller optimiser steps (Table A9: 64,000 at batch 512)")
     mc_batch: int = arg(128, "D* episodes per metacontroller batch")
     mc_lr: float = arg(3e-3, "metacontroller learning rate (Table A9: 1e-3)")
-    mc_kl_warmup: float = arg(0.3, "fraction of the steps over which alpha ramps up from 0 (grid preset: 0.2, i.e. 600 "
-                                  "steps; the paper: none)")
-    mc_gumbel: float = arg(0.0, "Gumbel-sigmoid temperature of beta in training, 0 = plain sigmoid (paper: plain; "
-                                "Gumbel for its grid rate-distortion plot)")
-    mc_seeds: int = arg(1, "metacontrollers trained (seeds seed, seed + 1000, ...); the one with the lowest held-out "
-                           "Eq. 3 is kept, a label-free choice (grid preset: 6; the paper trains 3, reports their median)")
-    mc_screen: float = arg(1.0, "with --mc-seeds > 1: fraction of --mc-steps every seed trains before the choice; the "
-                                "kept one then trains on to --mc-steps (1 = every seed trains fully; grid preset: 1/3)")
+    mc_kl_warmup: int = arg(600, "steps over which alpha ramps up from 0 (the paper: none)")
+    mc_gumbel: float = arg(0.0, "Gumbel-sigmoid temperature of beta in training, 0 = plain sigmoid (the paper's "
+                                "default; Gumbel in its rate-distortion plot)")
+    mc_seeds: int = arg(1, "metacontroller seeds screened; the one with the lowest held-out Eq. 3 is kept")
+    mc_screen: int = arg(0, "with --mc-seeds > 1: steps each seed trains before the choice (0: all --mc-steps)")
     # -- internal RL (section 11) --
-    irl_lr: float = arg(1e-3, "AdamW learning rate of the internal-RL policy (Table A13: 3e-5 after a scan)")
+    irl_lr: float = arg(1e-3, "AdamW learning rate of the internal-RL policy (Table A13: 3e-5)")
     irl_hidden: int = arg(64, "GRU width of the causal z-policy (Table A13: a 1-layer SSM of width 256)")
 
 
-# Per-task defaults: everything not listed here takes the dataclass default above.
-TASK_PRESETS = {
-    # The grid: object attention in the top block (section 4); six metacontroller seeds screened at 1,000
-    # steps, the kept one trained on to 3,000 (section 10); the KL warm-up stays 600 steps (0.2 x 3,000).
-    "grid": dict(obj_attn="last", mc_seeds=6, mc_screen=1 / 3, mc_steps=3000, mc_kl_warmup=0.2),
-    # The ant: D is a stored set (section 3); episodes are ~270 steps, so batches hold fewer; controllers and
-    # the metacontroller's decoder are full rank (Table A8).
-    # Sized for the issue's 60 minutes on a 2-core CPU: every stage took 59.7 min on a slow day, 27.1 on a
-    # fast one (README).
-    "ant": dict(n_train=2500, action_noise=0.03, n_heldout=200, n_dstar=400, n_embd=128, batch_size=16,
-                pretrain_steps=2000, lr=1e-3, obs_coef=0.0, eval_every=500, log_every=100, quick_probe_episodes=200,
-                n_probe=400, ctrl_rank=0, ctrl_batch=16, ctrl_steps=400, ctrl_layers="mid", n_eval=100,
-                mc_steps=150, mc_batch=16, rl_episodes=1024, rl_batch=64, rl_eval=200),
-}
+# Presets: the fields each one changes. The grid's top block attends over objects, six metacontroller seeds
+# are screened; the ant's D is a stored set of long episodes, its controllers are full rank (Table A8).
+GRID = dict(obj_attn="last", mc_seeds=6, mc_screen=1000, mc_steps=3000)
+ANT = dict(n_train=2500, action_noise=0.03, n_heldout=200, n_dstar=400, n_embd=128, batch_size=16,
+           pretrain_steps=2000, lr=1e-3, obs_coef=0.0, eval_every=500, log_every=100, n_probe=400, ctrl_rank=0,
+           ctrl_batch=16, ctrl_layers="mid", n_eval=100, mc_steps=150, mc_batch=16, mc_kl_warmup=45,
+           rl_episodes=1024, rl_batch=64, rl_eval=200)
+QUICK = dict(n_heldout=400, n_dstar=1000, n_probe=1000, eval_every=200, log_every=100, ctrl_layers="mid",
+             ctrl_steps=150, n_eval=100, ctrl_oracle=False, mc_steps=200, mc_batch=64, mc_kl_warmup=60,
+             mc_seeds=2, mc_screen=100, rl_episodes=1024, rl_batch=128, rl_eval=200)
+PRESETS = {"grid": {"default": GRID, "quick": {**GRID, **QUICK, "pretrain_steps": 600}},
+           "ant": {"default": ANT, "quick": {**ANT, **QUICK, "n_train": 300, "n_heldout": 40, "n_dstar": 60,
+                                             "n_probe": 60, "pretrain_steps": 300, "eval_every": 100, "n_eval": 40,
+                                             "mc_steps": 40, "mc_batch": 16, "mc_kl_warmup": 12, "mc_screen": 20,
+                                             "rl_episodes": 128, "rl_batch": 32, "rl_eval": 40, "expert_eval": 40}}}
 STAGES = ("pretrain", "probe", "controllers", "metacontroller", "rl")
+MAY_BE_ZERO = ("seed", "epsilon", "obs_coef", "weight_decay", "warmup", "cooldown", "alpha", "mc_kl_warmup",
+               "mc_gumbel", "n_train", "action_noise", "ctrl_rank", "mc_screen")    # every other number: > 0
+ANT_ONLY = ("n_train", "action_noise", "workers", "expert_eval")
 
 
 def die(msg: str):
@@ -228,110 +199,101 @@ def die(msg: str):
     sys.exit(f"internal_rl.py: error: {msg}")
 
 
-# settings that may be 0 (every other number must be positive; none may be negative)
-MAY_BE_ZERO = ("seed", "epsilon", "obs_coef", "weight_decay", "warmup", "cooldown", "threads", "alpha", "mc_kl_warmup",
-               "mc_gumbel", "n_train", "action_noise", "ctrl_rank")
-ANT_ONLY = ("n_train", "action_noise", "workers", "expert_eval")        # the grid has no stored dataset
-
-
 def parse_args(argv=None) -> Args:
-    """Build argparse from the dataclass, apply the task preset, validate; bad input exits in one line."""
+    """Read --task and --preset first (they set the defaults --help shows), then every flag; bad input exits
+    with one line that names the fix."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", default=Args.task)
+    pre.add_argument("--preset", default=Args.preset)
+    first, _ = pre.parse_known_args(argv)
+    if first.task not in PRESETS:
+        die(f"unknown --task {first.task!r}; valid choices: {', '.join(PRESETS)}")
+    if first.preset not in PRESETS[first.task]:
+        die(f"unknown --preset {first.preset!r}; valid choices: {', '.join(PRESETS[first.task])}")
+    preset = PRESETS[first.task][first.preset]
+    defaults = {**dataclasses.asdict(Args()), **preset}
     p = argparse.ArgumentParser(description="Internal RL reference implementation (arXiv 2512.20605).")
     for f in dataclasses.fields(Args):          # f.type is a string ("int", ...): annotations are postponed
-        name = "--" + f.name.replace("_", "-")
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default {defaults[f.name]!r})")
         if f.type == "bool":
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.metadata["help"])
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
         else:
-            p.add_argument(name, type={"int": int, "float": float, "str": str}[f.type], default=argparse.SUPPRESS,
-                           help=f"{f.metadata['help']} (default {f.default!r})")
+            p.add_argument("--" + f.name.replace("_", "-"), type={"int": int, "float": float, "str": str}[f.type], **kw)
     given = vars(p.parse_args(argv))
-    task = given.get("task", Args.task)
-    if task not in TASK_PRESETS:
-        die(f"unknown --task {task!r}; valid choices: {', '.join(TASK_PRESETS)}")
-    args = Args(**{**TASK_PRESETS[task], **given})
+    args = Args(**{**preset, **given})
+    grid = args.task == "grid"
     if args.stop_after not in STAGES:
         die(f"unknown --stop-after {args.stop_after!r}; valid choices: {', '.join(STAGES)}")
-    if task == "grid" and args.ctrl_rank == 0:
-        die("--ctrl-rank 0 (full rank) is for the ant; the grid's controllers and metacontroller decoder need a "
-            "rank, e.g. 16")
     for f in dataclasses.fields(Args):
         v, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
         if isinstance(v, float) and not math.isfinite(v):
             die(f"{flag} must be a finite number, got {v}")
         if isinstance(v, (int, float)) and not isinstance(v, bool) and (v < 0 or (v == 0 and f.name not in MAY_BE_ZERO)):
             die(f"{flag} must be {'non-negative' if f.name in MAY_BE_ZERO else 'positive'}, got {v}")
-        if task == "grid" and f.name in ANT_ONLY and f.name in given:
+        if grid and f.name in ANT_ONLY and f.name in given:
             die(f"{flag} is for the ant; the grid draws fresh expert episodes every step")
-    if not args.cooldown <= 1.0:
-        die(f"--cooldown is a fraction of the steps in [0, 1], got {args.cooldown}")
-    if not args.mc_screen <= 1.0:
-        die(f"--mc-screen is a fraction of --mc-steps in (0, 1], got {args.mc_screen}")
-    if args.n_probe < 2 or args.quick_probe_episodes < 2:
-        die("--n-probe and --quick-probe-episodes need at least 2 episodes (half fit, half score)")
-    if args.mc_seeds > 1 and args.n_dstar < args.n_probe:
-        die(f"--mc-seeds {args.mc_seeds} chooses on held-out D*[n_probe/2:n_probe]: --n-dstar ({args.n_dstar}) must "
-            f"be at least --n-probe ({args.n_probe}); lower --n-probe, or train one metacontroller with --mc-seeds 1")
-    if args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()):
-        die(f"--device {args.device!r} is not available here; valid choices: auto, cpu"
-            + (", cuda" if torch.cuda.is_available() else " (no CUDA device found)"))
-    if args.task == "ant" and not args.n_train:
-        die("--task ant needs a stored dataset: --n-train must be positive")
-    if not 0.0 <= args.epsilon < 1.0:
-        die(f"--epsilon must be in [0, 1), got {args.epsilon}")
-    if args.n_embd % args.n_head:
-        die(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
+    checks = [(grid and args.ctrl_rank == 0, "--ctrl-rank 0 (full rank) is for the ant; the grid needs a rank, e.g. 16"),
+              (args.cooldown > 1, f"--cooldown is a fraction of the steps in [0, 1], got {args.cooldown}"),
+              (args.epsilon >= 1, f"--epsilon must be in [0, 1), got {args.epsilon}"),
+              (args.n_probe < 2, "--n-probe needs at least 2 episodes (half fit, half score)"),
+              (args.n_dstar < args.n_probe, f"--n-probe ({args.n_probe}) must be at most --n-dstar ({args.n_dstar}): "
+                                            f"the probes and the metacontroller's checks use held-out D*[:n_probe]"),
+              (args.mc_screen > args.mc_steps, f"--mc-screen ({args.mc_screen}) must be at most --mc-steps ({args.mc_steps})"),
+              (args.n_embd % args.n_head != 0, f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})"),
+              (not grid and not args.n_train, "--task ant needs a stored dataset: --n-train must be positive"),
+              (args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()),
+               f"--device {args.device!r} is not available here; valid choices: auto, cpu"
+               + (", cuda" if torch.cuda.is_available() else " (no CUDA device found)"))]
+    for bad, msg in checks:
+        if bad:
+            die(msg)
     try:
         ctrl_layers(args)
         obj_attn_blocks(args)
     except ValueError as e:
         die(str(e))
-    args.out = args.out or os.path.join("runs", f"{args.task}-seed{args.seed}")
+    suffix = "" if args.preset == "default" else f"-{args.preset}"
+    args.out = args.out or os.path.join("runs", f"{args.task}-seed{args.seed}{suffix}")
     return args
 
 
-def obj_attn_blocks(args: Args) -> list:
-    if not args.obj_attn:
-        return []
-    if args.task != "grid":
-        raise ValueError("--obj-attn is for the grid (the ant's observation has no objects)")
+def layer_list(text: str, named: dict, lo: int, hi: int, flag: str) -> list:
+    """'3,4' -> [3, 4], or a named choice; every layer in lo..hi, else a ValueError naming the flag."""
     try:
-        blocks = [args.n_layer] if args.obj_attn == "last" else [int(s) for s in args.obj_attn.split(",")]
+        layers = named[text] if text in named else [int(s) for s in text.split(",")]
     except ValueError:
-        blocks = [0]
-    if any(not 1 <= l <= args.n_layer for l in blocks):
-        raise ValueError(f"--obj-attn must be 'last', '' or blocks in 1..{args.n_layer}, e.g. '3,4', got {args.obj_attn!r}")
-    return blocks
+        layers = [lo - 1]
+    if any(not lo <= l <= hi for l in layers):
+        raise ValueError(f"{flag} must be {', '.join(repr(k) for k in named)} or layers in {lo}..{hi}, got {text!r}")
+    return layers
+
+
+def obj_attn_blocks(args: Args) -> list:
+    if args.obj_attn and args.task != "grid":
+        raise ValueError("--obj-attn is for the grid (the ant's observation has no objects)")
+    return layer_list(args.obj_attn, {"": [], "last": [args.n_layer]}, 1, args.n_layer, "--obj-attn")
 
 
 def ctrl_layers(args: Args) -> list:
-    if args.ctrl_layers == "all":
-        return list(range(args.n_layer + 1))
-    if args.ctrl_layers == "mid":
-        return [args.n_layer // 2]
-    try:
-        layers = [int(s) for s in args.ctrl_layers.split(",")]
-    except ValueError:
-        layers = [-1]
-    if any(not 0 <= l <= args.n_layer for l in layers):
-        raise ValueError(f"--ctrl-layers must be 'all', 'mid' or layers in 0..{args.n_layer}, got {args.ctrl_layers!r}")
-    return layers
+    return layer_list(args.ctrl_layers, {"all": list(range(args.n_layer + 1)), "mid": [args.n_layer // 2]}, 0,
+                      args.n_layer, "--ctrl-layers")
 
 
 # ---------------------------------------------------------------------------------------------------
 # 2. Plumbing: logging, and checkpoints that know what made them              # BOILERPLATE
-# Not part of the method: runs are reproducible (one seed, set in main(), fixes every number on the CPU),
-# observable (fixed-format log lines with throughput and ETA, also as JSON in metrics.jsonl) and restartable:
-# every stage saves its checkpoint <out>/<name>.pt stamped with a *fingerprint* of what made it, and a rerun
-# reuses a checkpoint only while its fingerprint still matches. The fingerprint hashes
-#   * the stage's settings (the Args fields listed in CHECKPOINTS below),
+# Not part of the method. Runs are reproducible (one seed fixes every number on a given CPU), observable
+# (one fixed-format line per event with its ETA, also as JSON in metrics.jsonl) and restartable: each stage
+# saves <out>/<name>.pt stamped with a *fingerprint* of what made it, and a rerun reuses a checkpoint only
+# while its fingerprint still matches. The fingerprint hashes
+#   * the stage's settings (the Args fields listed in CHECKPOINTS),
 #   * the stage's code: every function, class and constant of sections 3-11 that its entry points reach by
-#     name, compared as syntax trees (comments, docstrings and layout do not count), plus the env file for
-#     the data and pretraining stages,
+#     name, compared as syntax trees (so comments, docstrings and layout do not count), and the env file
+#     for the stages that generate data,
 #   * the checksum of the checkpoint it builds on, so that a retrained parent retrains its children.
-# So editing mc_loss retrains the metacontroller and internal RL, while editing a figure, a comment or the
-# README retrains nothing. Every checkpoint also stores a checksum of its contents, checked on every load.
+# Editing mc_loss therefore retrains the metacontroller and internal RL; editing a figure, a comment or the
+# README retrains nothing. Each checkpoint also stores a checksum of its contents, checked on every load.
 class Logger:
-    """Print-first logging: one fixed-format line per event, also appended to metrics.jsonl."""
+    """Print-first logging: one line per event, also appended to metrics.jsonl."""
 
     def __init__(self, out: str):
         os.makedirs(out, exist_ok=True)
@@ -355,25 +317,23 @@ def finite(x):
 def eta(t0: float, done: int, total: int) -> str:
     """Progress string, e.g. '12s elapsed, eta 45s'."""
     el = time.time() - t0
-    left = el / max(done, 1) * (total - done)
-    return f"{el:.0f}s elapsed, eta {left:.0f}s"
+    return f"{el:.0f}s elapsed, eta {el / max(done, 1) * (total - done):.0f}s"
 
 
 RL_FIELDS = ("rl_episodes", "rl_batch", "rl_epochs", "clip_coef", "rl_eval", "expert_eval")
-# Every checkpoint of a run folder, in pipeline order: its section (the log prefix), the checkpoint it builds
-# on, the settings it reads and the entry points of its code. The grid has no "data" checkpoint: its
-# episodes are generated from the seed by section 3, whose code is part of pretraining's fingerprint.
+# Every checkpoint, in pipeline order: (its section, the checkpoint it builds on, the settings it reads, the
+# entry points of its code). The grid has no "data" checkpoint: section 3 makes its episodes from the seed,
+# and that code is part of pretraining's fingerprint.
 CHECKPOINTS = {
     "data": (3, None, ("task", "seed", "n_train", "action_noise", "n_heldout", "n_dstar", "expert_eval"),
              ("ant_datasets",)),
     "pretrain": (6, "data", ("task", "seed", "epsilon", "n_heldout", "n_train", "action_noise", "batch_size",
                              "bucket_batches", "n_layer", "n_head", "n_embd", "obj_attn", "mlp_mult", "rel_buckets",
-                             "rel_max_distance", "pretrain_steps", "lr", "warmup", "cooldown", "weight_decay",
-                             "obs_coef", "grad_clip", "eval_every", "quick_probe_episodes", "quick_probe_steps",
-                             "probe_lr"), ("make_datasets", "pretrain")),
+                             "pretrain_steps", "lr", "warmup", "cooldown", "weight_decay", "obs_coef", "grad_clip",
+                             "eval_every"), ("make_datasets", "pretrain")),
     "probe": (7, "pretrain", ("n_dstar", "n_probe", "probe_steps", "probe_lr"), ("probe_stage",)),
     "controllers": (8, "pretrain", ("n_dstar", "n_probe", "ctrl_rank", "ctrl_steps", "ctrl_batch", "ctrl_lr",
-                                    "ctrl_layers", "n_eval", "greedy", "ctrl_oracle"), ("controller_stage",)),
+                                    "ctrl_layers", "n_eval", "ctrl_oracle"), ("controller_stage",)),
     "metacontroller": (10, "pretrain", ("n_dstar", "n_probe", "alpha", "n_z", "mc_hidden", "mc_enc_hidden",
                                         "ctrl_rank", "mc_steps", "mc_batch", "mc_lr", "mc_kl_warmup", "mc_gumbel",
                                         "bucket_batches", "mc_seeds", "mc_screen"), ("metacontroller_stage",)),
@@ -394,43 +354,31 @@ def syntax(tree) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def code_index(path: str) -> dict:
-    """{name: (its syntax, the names it uses)} for every top-level definition in sections 3-11 of ``path``."""
-    src, index, section = open(path).read(), {}, 0
-    lines = src.splitlines()
-    banners = {i + 2: int(m[1]) for i, line in enumerate(lines[:-1])
-               if line.startswith("# ---") and (m := re.match(r"# (\d+)\. ", lines[i + 1]))}
-    for node in ast.parse(src).body:
-        section = max([s for line, s in banners.items() if line < node.lineno], default=0)
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            names = [node.name]
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
-        else:
-            continue
-        if 3 <= section <= 11:
-            uses = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-            for name in names:
-                index[name] = (syntax(node), uses)
-    return index
-
-
-@functools.lru_cache(maxsize=None)
 def code_digest(roots: tuple, env_file: str = "") -> str:
-    """Hash of the code that the functions ``roots`` reach by name (and of ``env_file``, if given)."""
-    index, seen, todo = code_index(os.path.abspath(__file__)), set(), list(roots)
+    """Hash of every top-level function, class and constant of sections 3-11 of this file that the functions
+    ``roots`` reach by name, directly or through each other (and of ``env_file``, if given)."""
+    src = open(os.path.abspath(__file__)).read()
+    lines, index = src.splitlines(), {}                                    # name -> (its syntax, names it uses)
+    banners = [i + 2 for i, line in enumerate(lines[:-1]) if line.startswith("# ---") and re.match(r"# \d+\. ", lines[i + 1])]
+    for node in ast.parse(src).body:
+        section = sum(b < node.lineno for b in banners)                   # banners above it = its section number
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [n.id for t in targets if t is not None for n in ast.walk(t) if isinstance(n, ast.Name)]
+        for name in names if 3 <= section <= 11 else []:
+            index[name] = (syntax(node), {n.id for n in ast.walk(node) if isinstance(n, ast.Name)})
+    seen, todo = set(), list(roots)
     while todo:
         name = todo.pop()
         if name in index and name not in seen:
             seen.add(name)
             todo += index[name][1]
-    text = "".join(index[name][0] for name in sorted(seen))
-    return hashlib.sha256((text + (syntax(ast.parse(open(env_file).read())) if env_file else "")).encode()).hexdigest()
+    text = "".join(index[name][0] for name in sorted(seen)) + (syntax(ast.parse(open(env_file).read())) if env_file else "")
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def fingerprint(args: Args, name: str, parent_sum: str = "") -> str:
-    """What made a checkpoint: its settings, its code and the checksum of the checkpoint it builds on."""
+    """What makes a checkpoint: its settings, its code and the checksum of the checkpoint it builds on."""
     _, _, fields, roots = CHECKPOINTS[name]
     env_file = env_module(args.task).__file__ if name in ("data", "pretrain") else ""
     cfg = json.dumps({k: getattr(args, k) for k in fields}, sort_keys=True)
@@ -438,25 +386,14 @@ def fingerprint(args: Args, name: str, parent_sum: str = "") -> str:
 
 
 def checksum(obj) -> str:
-    """sha256 of everything a checkpoint stores: tensors by dtype, shape and bytes, everything else as JSON."""
+    """sha256 of everything a checkpoint stores: its structure as JSON, each tensor's dtype, shape and bytes."""
     h = hashlib.sha256()
 
-    def add(x):
+    def tensor(x):                                     # json.dumps calls this for what JSON cannot hold
         if torch.is_tensor(x):
-            h.update(f"{x.dtype}{tuple(x.shape)}".encode())
             h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(x, dict):
-            for k in sorted(x, key=str):
-                h.update(f"{k!r}:".encode())
-                add(x[k])
-        elif isinstance(x, (list, tuple)):
-            h.update(b"[")
-            for v in x:
-                add(v)
-            h.update(b"]")
-        else:
-            h.update(json.dumps(x, default=repr).encode())
-    add(obj)
+        return f"{x.dtype}{tuple(x.shape)}" if torch.is_tensor(x) else repr(x)
+    h.update(json.dumps(obj, sort_keys=True, default=tensor).encode())
     return h.hexdigest()
 
 
@@ -505,11 +442,11 @@ def ckpt_path(args: Args, name: str) -> str:
 
 
 def run_stage(args: Args, name: str, parent_sum: str, log: Logger, train) -> tuple:
-    """<out>/<name>.pt if its fingerprint matches (same settings, code and parent), else the checkpoint dict
-    that ``train()`` returns, saved. Returns (checkpoint, "reused" or "trained")."""
+    """<out>/<name>.pt if its fingerprint matches, else the checkpoint dict that ``train()`` returns, saved.
+    Returns (checkpoint, "reused" or "trained")."""
     path, fp, tag = ckpt_path(args, name), fingerprint(args, name, parent_sum), f"{CHECKPOINTS[name][0]} {name}"
     ck = load_ckpt(path, fp, log, tag)
-    if ck is not None and ck.get("finished", True):         # (an unfinished pretraining resumes in pretrain())
+    if ck is not None:
         log(tag, f"reusing {path}")
         return ck, "reused"
     return save_ckpt(path, {**train(), "fingerprint": fp}), "trained"
@@ -545,26 +482,16 @@ def env_module(task: str):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. Data: expert trajectories D and D*, length-bucketed batches               [P App. C.1.1, C.4.4]
-# D: expert trajectories on the 16 pretraining tasks (the expert may be epsilon-noisy); used to pretrain.
-# D*: the same, always with epsilon = 0 ("more optimal"); used for controllers and the metacontroller,
-#     which the paper finds need cleaner demonstrations than the base model does.
-# With the default epsilon = 0 the two are equally distributed but drawn from separate random streams.
-# Each episode is stored compactly (gridworld.expert_episode):
-#   cells    (T+1, 13) int  observation o_1..o_{T+1} in index form: cells of walls 0..3, colours 0..7, agent
-#   actions  (T,)      int  a_1..a_T
-#   subgoals (T,)      int  ground-truth subgoal g_t (analysis only: probes, controllers, diagnostics)
-#   optimal  (T, 4)    bool every optimal action at t (diagnostics only)
-# The flat 637-dim one-hot of the paper has exactly one 1 per channel, so the 13 indices are the same
-# observation, losslessly and ~50x smaller. Pretraining never reuses an episode: every batch is freshly
-# generated (the expert is fast), which avoids overfitting at CPU scale. Held-out sets come from their
-# own random streams, so the train/held-out split is by episode.
-#
-# The ant (ant_tasks.expert_episode) stores obs (T+1, 41) float, actions (T, 8) float and subgoals (T,)
-# (the next colour). Its expert runs MuJoCo at ~2,000 steps/s (the grid's ~200,000), so D is a stored set
-# of --n-train successful episodes (the paper's D holds successful trajectories only), generated once by
-# --workers processes (ant_tasks.generate_dataset), cached in the run folder (data.pt) and reused for
-# epochs. D has a little action noise, D* none.
+# 3. Data: expert trajectories D and D*, length-bucketed batches               [App. C.1.1, C.4.4]
+# D: expert trajectories on the 16 pretraining tasks (the expert may be epsilon-noisy); pretrains the model.
+# D*: the same with epsilon = 0 ("more optimal"); trains the controllers and the metacontroller, which the
+#     paper finds need cleaner demonstrations than the base model does.
+# A grid episode (gridworld.expert_episode) holds cells (T+1, 13): o_1..o_{T+1} in index form (the cells of
+# walls 0..3, colours 0..7, the agent; the paper's one-hot has one 1 per channel, so this is the same
+# observation, losslessly); actions (T,); subgoals (T,), the true g_t (for analysis only); next_colour (T,) and
+# optimal (T, 4), for the diagnostics. Grid pretraining never reuses an episode: every batch is fresh.
+# The ant's expert runs MuJoCo about 100x slower, so its D is a stored set of --n-train successful episodes
+# (obs (T+1, 41), actions (T, 8), subgoals (T,)), generated once by --workers processes and kept as data.pt.
 
 def generate_episodes(rng: np.random.Generator, n: int, tasks, epsilon: float) -> list:
     """n expert episodes, each on a task drawn uniformly from ``tasks``."""
@@ -572,53 +499,31 @@ def generate_episodes(rng: np.random.Generator, n: int, tasks, epsilon: float) -
 
 
 def collate(episodes: list, device) -> dict:
-    """Pad a list of episodes into tensors; ``mask`` marks real steps (grid targets are also -1 at padding).
+    """Pad episodes into a batch; ``mask`` (B, T) marks the real steps. The input at step t is o_t, the targets
+    a_t and o_{t+1}; padded steps keep obs = 0 (on the grid a valid index) and every loss skips them."""
+    T, grid = max(len(ep["actions"]) for ep in episodes), "cells" in episodes[0]
 
-    Grid: obs (B, T, 13) int, actions (B, T) int, next_obs (B, T) = the agent's cell in o_{t+1}, plus
-    next_colour and optimal (diagnostics). Ant: obs (B, T, 41), actions (B, T, 8), next_obs (B, T, 41)."""
-    B, T = len(episodes), max(len(ep["actions"]) for ep in episodes)
-    grid = "cells" in episodes[0]
-    mask = np.zeros((B, T), dtype=bool)                     # (B, T)      real (not padded) steps
-    subgoals = np.full((B, T), -1, dtype=np.int64)          # (B, T)      g_t
-    if grid:
-        obs = np.zeros((B, T, 13), dtype=np.int64)          # (B, T, 13)  o_1..o_T
-        actions = np.full((B, T), -1, dtype=np.int64)       # (B, T)      a_1..a_T
-        next_obs = np.full((B, T), -1, dtype=np.int64)      # (B, T)      agent cell in o_{t+1}
-        nextcol = np.full((B, T), -1, dtype=np.int64)       # (B, T)      colour the expert heads to
-        optimal = np.zeros((B, T, 4), dtype=bool)           # (B, T, 4)
-    else:
-        obs = np.zeros((B, T, episodes[0]["obs"].shape[1]), dtype=np.float32)    # (B, T, 41) o_1..o_T
-        actions = np.zeros((B, T, 8), dtype=np.float32)                          # (B, T, 8)  a_1..a_T
-        next_obs = np.zeros_like(obs)                                            # (B, T, 41) o_2..o_{T+1}
-    # Input at step t is o_t; targets at step t are a_t and o_{t+1}. Padded steps keep obs = 0 (for the
-    # grid a valid index, so the embedding works) and are left out of every loss by the mask.
-    for i, ep in enumerate(episodes):
-        n = len(ep["actions"])
-        mask[i, :n] = True
-        subgoals[i, :n] = ep["subgoals"]
-        actions[i, :n] = ep["actions"]
-        if grid:
-            obs[i, :n] = ep["cells"][:n]
-            next_obs[i, :n] = ep["cells"][1:n + 1, -1]
-            nextcol[i, :n] = ep["next_colour"]
-            optimal[i, :n] = ep["optimal"]
-        else:
-            obs[i, :n] = ep["obs"][:n]
-            next_obs[i, :n] = ep["obs"][1:n + 1]
-    t = lambda x: torch.from_numpy(x).to(device)
-    b = {"obs": t(obs), "actions": t(actions), "mask": t(mask), "next_obs": t(next_obs), "subgoals": t(subgoals)}
-    if grid:
-        b.update(next_colour=t(nextcol), optimal=t(optimal))
-    if "e" in episodes[0]:                                  # residuals attached by with_residuals (section 10)
-        b["e"] = nn.utils.rnn.pad_sequence([ep["e"] for ep in episodes], batch_first=True)     # (B, T, D)
+    def pad(arrays, fill, dtype):                        # B arrays (n_i, ...) -> (B, T, ...), padded with ``fill``
+        out = np.full((len(arrays), T) + arrays[0].shape[1:], fill, dtype=dtype)
+        for i, a in enumerate(arrays):
+            out[i, :len(a)] = a
+        return torch.from_numpy(out).to(device)
+    o = [ep["cells"] if grid else ep["obs"] for ep in episodes]                 # o_1..o_{T+1} per episode
+    f, num = (-1, np.int64) if grid else (0, np.float32)
+    b = {"obs": pad([x[:-1] for x in o], 0, num),                              # (B, T, 13) or (B, T, 41)
+         "actions": pad([ep["actions"] for ep in episodes], f, num),           # (B, T) or (B, T, 8)
+         "next_obs": pad([x[1:, -1] if grid else x[1:] for x in o], f, num),   # agent cell (B, T), or (B, T, 41)
+         "subgoals": pad([ep["subgoals"] for ep in episodes], -1, np.int64),   # (B, T) g_t
+         "mask": pad([np.ones(len(ep["actions"]), bool) for ep in episodes], False, bool)}
+    if grid:                                                                     # (B, T), (B, T, 4): diagnostics
+        b.update(next_colour=pad([ep["next_colour"] for ep in episodes], -1, np.int64),
+                 optimal=pad([ep["optimal"] for ep in episodes], False, bool))
     return b
 
 
 def bucketed_batches(rng: np.random.Generator, draw, size: int, n_bucket: int, device):
-    """Endless stream of length-bucketed batches of ``size`` episodes; ``draw(n)`` returns n episodes.
-
-    ``n_bucket`` batches' worth are drawn at once, sorted by episode length and cut into batches, so each
-    batch pads to a similar length (most padding disappears); the batch order is then shuffled."""
+    """Endless stream of batches of ``size`` episodes; ``draw(n)`` returns n episodes. ``n_bucket`` batches'
+    worth are drawn at once, sorted by length and cut into batches (so most padding disappears), then shuffled."""
     while True:
         eps = sorted(draw(size * n_bucket), key=lambda ep: len(ep["actions"]))
         chunks = [eps[i:i + size] for i in range(0, len(eps), size)]
@@ -639,8 +544,8 @@ def batches_of(episodes: list, size: int, device):
 
 
 def ant_datasets(args: Args, log) -> dict:
-    """The ant's stored sets D (train, held-out) and D* (train, held-out), kept in the checkpoint ``<out>/data.pt``,
-    and the expert's success rates (pretraining tasks: the noise-free D* attempts; post-training: --expert-eval)."""
+    """The ant's stored sets D and D* (train and held-out each), kept in the checkpoint <out>/data.pt, and the
+    expert's success rates (pretraining tasks: its D* attempts; the post-training task: --expert-eval episodes)."""
     ss = np.random.SeedSequence(args.seed).spawn(6)          # 0-3 the sets, 4 batches and eval seeds, 5 expert_post
 
     def generate() -> dict:
@@ -652,10 +557,10 @@ def ant_datasets(args: Args, log) -> dict:
             sets, wins, tries = env_module("ant").generate_dataset(spec, args.workers, log=lambda msg: log("3 data", msg))
         except RuntimeError as e:
             die(str(e))
-        expert = {"pretrain": (wins["dstar_train"] + wins["dstar_heldout"]) / (tries["dstar_train"] + tries["dstar_heldout"]),
+        star = ("dstar_train", "dstar_heldout")
+        expert = {"pretrain": sum(wins[k] for k in star) / sum(tries[k] for k in star),
                   "posttrain": wins["expert_post"] / tries["expert_post"]}
-        del sets["expert_post"]
-        # one tensor per field and set (episodes concatenated), so weights_only loading works
+        del sets["expert_post"]                    # one tensor per field and set, so that weights_only loading works
         return {"expert": expert, "sets": {name: {
             **{k: torch.from_numpy(np.concatenate([ep[k] for ep in eps])) for k in ("obs", "actions", "subgoals")},
             "lengths": torch.tensor([len(ep["actions"]) for ep in eps])} for name, eps in sets.items()}}
@@ -666,52 +571,39 @@ def ant_datasets(args: Args, log) -> dict:
         n = d["lengths"].tolist()
         parts = zip(d["obs"].split([k + 1 for k in n]), d["actions"].split(n), d["subgoals"].split(n))
         out[name] = [{"obs": o.numpy(), "actions": a.numpy(), "subgoals": g.numpy()} for o, a, g in parts]
-    out["train_rng"] = np.random.default_rng(ss[4].spawn(1)[0])                 # batch sampling
-    out["eval_seed"] = int(np.random.default_rng(ss[4]).integers(2 ** 31))      # env seeds for rollouts
-    out.update(expert=ck["expert"], checksum=ck["checksum"], status=status)     # (main() chains the checksum)
-    log("3 data", f"the expert (noise-free): success {ck['expert']['pretrain']:.3f} on pretraining tasks (D* attempts), "
+    out.update(train_rng=np.random.default_rng(ss[4].spawn(1)[0]),              # batch sampling
+               eval_seed=int(np.random.default_rng(ss[4]).integers(2 ** 31)),  # env seeds for rollouts
+               expert=ck["expert"], checksum=ck["checksum"], status=status)    # (main() chains the checksum)
+    log("3 data", f"the expert: success {ck['expert']['pretrain']:.3f} on pretraining tasks (D* attempts), "
         f"{ck['expert']['posttrain']:.3f} on the post-training task ({args.expert_eval} episodes)")
     return out
 
 
 def make_datasets(args: Args, log=None) -> dict:
-    """The fixed sets: held-out D, and D* (epsilon = 0) split by episode into train / held-out halves.
-
-    Each set has its own random stream (spawned from the seed), so adding or resizing one never shifts
-    another, and the fresh pretraining stream never repeats them. (The ant: ant_datasets above.)"""
+    """The fixed sets: held-out D, and D* (epsilon = 0) split by episode into train and held-out halves. Each has
+    its own random stream (spawned from the seed), and the fresh pretraining stream repeats none of them."""
     if args.task == "ant":
         return ant_datasets(args, log or Logger(args.out))
-    ss = np.random.SeedSequence(args.seed).spawn(5)
-    rngs = [np.random.default_rng(s) for s in ss]
-    return {
-        "train_rng": rngs[0],                                                  # fresh pretraining batches
-        "heldout": generate_episodes(rngs[1], args.n_heldout, gw.PRETRAIN_TASKS, args.epsilon),
-        "dstar_train": generate_episodes(rngs[2], args.n_dstar, gw.PRETRAIN_TASKS, 0.0),
-        "dstar_heldout": generate_episodes(rngs[3], args.n_dstar, gw.PRETRAIN_TASKS, 0.0),
-        "eval_seed": int(rngs[4].integers(2 ** 31)),                           # env seeds for rollouts
-    }
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(args.seed).spawn(5)]
+    return {"train_rng": rngs[0],                                              # fresh pretraining batches
+            "heldout": generate_episodes(rngs[1], args.n_heldout, gw.PRETRAIN_TASKS, args.epsilon),
+            "dstar_train": generate_episodes(rngs[2], args.n_dstar, gw.PRETRAIN_TASKS, 0.0),
+            "dstar_heldout": generate_episodes(rngs[3], args.n_dstar, gw.PRETRAIN_TASKS, 0.0),
+            "eval_seed": int(rngs[4].integers(2 ** 31))}                       # env seeds for rollouts
 
 
 # ---------------------------------------------------------------------------------------------------
-# 4. The base model: a causal transformer with an explicit residual stream       [P Sec. 4, App. D.1]
-# The paper's base model is an ordinary autoregressive sequence model: one token per time step (the
-# embedded observation o_t), causal self-attention over the past, and at every step a distribution over
-# the action a_t and over the next observation o_{t+1} (Eq. 5). No action tokens enter the input: in
-# this env the previous action can be read off o_{t-1}, o_t.
-#
-# What matters for the rest of the paper is the *residual stream*: every pre-norm block reads the running
-# vector e_{t,l-1} and adds its output to it, e_{t,l} = e_{t,l-1} + attn(...) + mlp(...). So the stream
-# is a shared workspace that all later blocks read, and a linear edit of it at one depth (section 8) is
-# seen by every block above. forward() below keeps that loop in plain sight.
-#
-# Object attention (grid, --obj-attn, on in the top block by default; a deviation from the paper, whose blocks
-# attend over time only).
-# The input embedding *sums* the 12 object embeddings of a step, so to walk to one colour around the others
-# the MLPs must pull "where is colour c" back out of that sum. In the blocks listed in --obj-attn, the token
-# also attends over its own step's 12 objects, keys = values = the same E_obj[type, offset] rows the input
-# summed, with a query from the residual stream: "look up the object I am heading for". It sees nothing
-# beyond the current observation, no task and no label. Measured (README): at the same steps it lowers the
-# held-out NLL and makes the residual stream far more steerable by the controllers of section 8.
+# 4. The base model: a causal transformer with an explicit residual stream       [Sec. 4, App. D.1]
+# The paper's base model is an ordinary autoregressive sequence model: one token per time step (the embedded
+# observation o_t), causal self-attention over the past, and at every step a distribution over the action a_t
+# and the next observation o_{t+1} (Eq. 5). No action tokens: the previous action can be read off o_{t-1}, o_t.
+# What matters for the rest of the paper is the *residual stream*: every pre-norm block reads the running vector
+# e_{t,l-1} and adds its output to it, e_{t,l} = e_{t,l-1} + attn(...) + mlp(...). The stream is a workspace
+# that every later block reads, so a linear edit at one depth (section 8) is seen by all blocks above it.
+# Object attention (grid, --obj-attn; a deviation: the paper's blocks attend over time only): the input
+# embedding *sums* the 12 object embeddings of a step, so to walk to one colour among the others the MLPs must
+# pull "where is colour c" back out of that sum. In the blocks listed, the token also attends over its own
+# step's 12 objects (keys = values = the rows the input summed): "look up the object I am heading for".
 #
 #   Symbol      | Shape      | Meaning
 #   obs         | (B, T, 13) | observations o_1..o_T in index form (section 3; the ant: (B, T, 41) floats)
@@ -719,12 +611,9 @@ def make_datasets(args: Args, log=None) -> dict:
 #   act out     | (B, T, 4)  | logits of p(a_t | o_{1:t}) (the ant: the mean (B, T, 8) of a Gaussian)
 #   obs out     | (B, T, 49) | logits of p(agent cell of o_{t+1} | o_{1:t}) (the ant: a prediction of o_{t+1})
 def relative_buckets(n: int, num_buckets: int, max_distance: int = 128) -> torch.Tensor:
-    """T5-style causal bucketing of the distance d = t_query - t_key >= 0 (Table A16: 32 buckets).
-
-    Distances below num_buckets/2 get their own bucket, larger ones share log-spaced buckets up to
-    max_distance, and everything beyond shares the last bucket. There are no absolute positions: attention
-    depends only on *how far back* a step is, so the post-training task's ~63-step episodes meet no position
-    that ~31-step pretraining episodes lacked (though rarely trained distances: see the README)."""
+    """T5-style causal buckets of the distance d = t_query - t_key >= 0 (Table A16): one per distance below
+    num_buckets/2, then log-spaced up to max_distance. No absolute positions: attention depends only on how far
+    back a step is, so the post-training task's ~63-step episodes meet no position pretraining lacked."""
     d = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).clamp(min=0)    # (n, n) query x key
     exact = num_buckets // 2
     log_b = exact + (torch.log(d.float().clamp(min=1) / exact) / math.log(max_distance / exact)
@@ -744,7 +633,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, buckets, cache=None):
         B, T, D = x.shape
         q, k, v = self.c_attn(x).split(D, dim=2)
-        q, k, v = (z.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, H, T, hs)
+        q, k, v = (z.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
         t0 = 0
         if cache is not None:                       # KV cache: write this call's keys/values after the past ones
             if "k" not in cache:                    # buffers for the longest episode (no O(T^2) re-copying)
@@ -752,13 +641,13 @@ class CausalSelfAttention(nn.Module):
                 cache["v"] = torch.zeros_like(cache["k"])
             t0 = cache["t"]
             cache["k"][:, :, t0:t0 + T], cache["v"][:, :, t0:t0 + T], cache["t"] = k, v, t0 + T
-            k, v = cache["k"][:, :, :t0 + T], cache["v"][:, :, :t0 + T]                  # (B, H, t0+T, hs)
+            k, v = cache["k"][:, :, :t0 + T], cache["v"][:, :, :t0 + T]                  # (B, nh, t0+T, hs)
         S = k.shape[2]
-        bias = self.rel_bias(buckets[t0:t0 + T, :S]).permute(2, 0, 1)                  # (H, T, S)
+        bias = self.rel_bias(buckets[t0:t0 + T, :S]).permute(2, 0, 1)                  # (nh, T, S)
         future = torch.arange(S, device=x.device)[None, :] > torch.arange(t0, t0 + T, device=x.device)[:, None]
         bias = bias.masked_fill(future, float("-inf"))                                 # causal mask
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)                # (B, H, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)                # (B, nh, T, hs)
         else:        # the same, spelled out: several times faster for one new step over a long cached past
             y = ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + bias).softmax(-1) @ v
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))                         # (B, T, D)
@@ -774,14 +663,14 @@ class ObjectAttention(nn.Module):
 
     def forward(self, x, objs):
         B, T, O, D = objs.shape                                                  # objs (B, T, 12, D)
-        q = self.q(x).view(B, T, 1, self.n_head, D // self.n_head)               # (B, T, 1, H, hs)
-        kv = objs.view(B, T, O, self.n_head, D // self.n_head)                   # (B, T, 12, H, hs)
-        w = ((q * kv).sum(-1) / math.sqrt(D // self.n_head)).softmax(2)          # (B, T, 12, H) over objects
+        q = self.q(x).view(B, T, 1, self.n_head, D // self.n_head)               # (B, T, 1, nh, hs)
+        kv = objs.view(B, T, O, self.n_head, D // self.n_head)                   # (B, T, 12, nh, hs)
+        w = ((q * kv).sum(-1) / math.sqrt(D // self.n_head)).softmax(2)          # (B, T, 12, nh) over objects
         return self.proj((w[..., None] * kv).sum(2).reshape(B, T, D))            # (B, T, D)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block [P D.1.1]: e <- e + Attn(LN(e)); [e <- e + ObjAttn(LN(e))]; e <- e + MLP(LN(e))."""
+    """Pre-norm residual block [App. D.1.1]: e <- e + Attn(LN(e)); [e <- e + ObjAttn(LN(e))]; e <- e + MLP(LN(e))."""
 
     def __init__(self, args: Args, objects: bool = False):
         super().__init__()
@@ -806,20 +695,16 @@ N_OFFSETS = (2 * gw.GRID - 1) ** 2          # 13 x 13 possible (row, col) offset
 
 
 class GPT(nn.Module):
-    """Causal transformer over one token per time step (the observation) [P Sec. 4, Eq. 5].
-
-    Outputs at step t: the action distribution for a_t and a prediction of o_{t+1}. The residual
-    stream is explicit: forward() returns e_{t,l} for l = 0..L, and a controller ``ctrl`` (a function
-    x -> U x) can be added at layer ``ctrl_layer``: e_{t,l} <- e_{t,l} + U e_{t,l} (Eq. 1), before blocks
-    l+1..L, which are unaware of the intervention. Only the input embedding and the two heads differ
-    between the grid (4 discrete actions) and the ant (8 continuous torques, a Gaussian head)."""
+    """Causal transformer over one token per time step [Sec. 4, Eq. 5]. forward() returns e_{t,l} for every l,
+    and adds a controller ``ctrl`` (x -> U x) at layer ``ctrl_layer``: e <- e + U e (Eq. 1), unseen by the
+    blocks above. Only the input embedding and the heads differ between the grid (4 actions) and the ant (8
+    torques, a Gaussian head)."""
 
     def __init__(self, args: Args):
         super().__init__()
         D, self.n_layer, self.task = args.n_embd, args.n_layer, args.task
         if args.task == "grid":
-            # Agent-centred input embedding (a choice the paper leaves open; see the module docstring):
-            # token = E_agent[agent cell] + sum over the 12 objects of E_obj[object type, offset from the agent].
+            # agent-centred (a choice the paper leaves open): E_agent[agent cell] + sum_objects E_obj[type, offset]
             self.agent_emb = nn.Embedding(gw.N_CELLS, D)
             self.obj_emb = nn.Embedding(9 * N_OFFSETS, D)
             self.register_buffer("obj_type", OBJ_TYPE.clone(), persistent=False)
@@ -836,8 +721,7 @@ class GPT(nn.Module):
             self.log_std = nn.Parameter(torch.full((8,), math.log(0.3)))        # its std: one per joint, learned
             self.obs_head = nn.Linear(D, ANT_OBS_DIM)                            # o_{t+1}, squared error
         max_steps = gw.MAX_STEPS if args.task == "grid" else ANT_MAX_STEPS
-        self.register_buffer("buckets", relative_buckets(max_steps + 1, args.rel_buckets,
-                                                                args.rel_max_distance), persistent=False)
+        self.register_buffer("buckets", relative_buckets(max_steps + 1, args.rel_buckets), persistent=False)
         # GPT-2 init: N(0, 0.02) weights, zero biases; the relative-bias embeddings keep their zeros
         if args.task == "grid":
             nn.init.normal_(self.agent_emb.weight, std=0.02)
@@ -851,13 +735,10 @@ class GPT(nn.Module):
                 nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * args.n_layer))
 
     def embed(self, obs):
-        """obs (B, T, 13) -> e_{t,0} (B, T, D) and the object embeddings (B, T, 12, D) that it sums; the ant: a
-        linear map of obs (B, T, 41), and no objects (None).
-
-        Example: agent at cell 24 (row 3, col 3), colour 5 at cell 10 (row 1, col 3): offset (-2, 0), so
-        colour 5 contributes E_obj[5, (-2 + 6) * 13 + (0 + 6)]. The same row serves every agent position,
-        which is why "colour 5 is two cells up" is learned once, not 49 times as with a linear map of the
-        flat one-hot. The grid's edges are not objects; E_agent[agent cell] tells where they are."""
+        """obs (B, T, 13) -> e_{t,0} (B, T, D) and the object embeddings (B, T, 12, D) that it sums (the ant: a
+        linear map of obs, no objects). Example: agent at cell 24 (row 3, col 3), colour 5 at cell 10 (row 1,
+        col 3): offset (-2, 0), so colour 5 adds E_obj[5, (-2 + 6) * 13 + (0 + 6)], the same row at every agent
+        position: "colour 5 is two cells up" is learned once, not 49 times as with the flat one-hot."""
         if self.task == "ant":
             return self.obs_emb(obs), None                                       # (B, T, D)
         agent = obs[..., -1]                                                     # (B, T)
@@ -868,12 +749,10 @@ class GPT(nn.Module):
         return self.agent_emb(agent) + objs.sum(-2), objs                        # (B, T, D), (B, T, 12, D)
 
     def forward(self, obs, ctrl=None, ctrl_layer: int = -1, cache=None):
-        """obs (B, T, 13) -> action logits (B, T, 4), next-cell logits (B, T, 49), residuals [L+1 x (B, T, D)].
-        (The ant: obs (B, T, 41) -> action means (B, T, 8), next-observation predictions (B, T, 41), residuals.)
-
-        ``cache``: a list with one dict per block (``new_cache()``); the call then continues the sequence
-        it holds (rollouts feed one step at a time). ``residuals[l]`` is e_{t,l} as block l wrote it, before any
-        controller at layer l; above a controlled layer the residuals carry the controller's effect."""
+        """obs (B, T, 13) -> action logits (B, T, 4), next-cell logits (B, T, 49), residuals [L+1 x (B, T, D)]
+        (the ant: (B, T, 41) -> means (B, T, 8), next obs (B, T, 41), residuals). With ``cache`` (new_cache())
+        the call continues the sequence it holds: rollouts feed one step at a time. residuals[l] is e_{t,l}
+        before any controller at layer l."""
         x, objs = self.embed(obs)                                                # e_{t,0}   (B, T, D)
         residuals = [x]
         if ctrl is not None and ctrl_layer == 0:
@@ -903,14 +782,10 @@ class GPT(nn.Module):
         z = (actions - act_out) / self.log_std.exp()                             # (B, T, 8)
         return (-0.5 * z ** 2 - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
-    def sample(self, act_out, greedy: bool, gen):
-        """Actions from the outputs of one step (n, 4) or (n, 8): sampled, or the mode (argmax / mean)."""
+    def sample(self, act_out, gen):
+        """Actions sampled from the outputs of one step, (n, 4) or (n, 8)."""
         if self.task == "grid":
-            if greedy:
-                return act_out.argmax(-1)
             return torch.multinomial(F.softmax(act_out, -1), 1, generator=gen)[:, 0]  # (n,)
-        if greedy:
-            return act_out
         noise = torch.randn(act_out.shape, generator=gen, device=act_out.device)
         return act_out + self.log_std.exp() * noise                              # (n, 8)
 
@@ -920,9 +795,9 @@ class GPT(nn.Module):
             return masked_ce(obs_out, b["next_obs"])
         return ((obs_out - b["next_obs"]) ** 2).mean(-1)[b["mask"]].mean()
 
-    # The same computation as forward(), cut in two at layer l (Alg. 1-2 call them lower_blocks and
-    # upper_blocks). The metacontroller reads e_{t,l} = lower(o_{1:t}) and writes e + U e into upper();
-    # since a controller at layer l never changes e_{t,l} itself, lower() can run once without gradients.
+    # forward() cut in two at layer l (Alg. 1-2: lower_blocks, upper_blocks): the metacontroller reads e_{t,l} =
+    # lower(o_{1:t}) and writes e + U e into upper(); a controller at l never changes e_{t,l}, so lower() needs
+    # no gradients.
     def lower(self, obs, layer: int):
         """obs (B, T, 13) -> e_{t,layer} (B, T, D): the embedding and blocks 1..layer."""
         x, objs = self.embed(obs)                                                # e_{t,0}   (B, T, D)
@@ -931,8 +806,7 @@ class GPT(nn.Module):
         return x                                                                 # e_{t,layer} (B, T, D)
 
     def upper(self, x, layer: int, obs):
-        """A (possibly controlled) residual at ``layer`` (B, T, D) -> action logits (B, T, 4): blocks layer+1..L.
-        ``obs`` (B, T, 13) is read only by blocks with object attention."""
+        """A residual at ``layer`` (B, T, D) -> action logits (B, T, 4): blocks layer+1..L (``obs`` feeds object attention)."""
         objs = self.embed(obs)[1] if any(b.obj_attn is not None for b in self.blocks[layer:]) else None
         for block in self.blocks[layer:]:
             x = block(x, self.buckets, None, objs)
@@ -945,27 +819,19 @@ def masked_ce(logits, target):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 5. Rollouts: the frozen model (optionally controlled) acting in the env, with a KV cache
-# Every evaluation in the paper rolls the model out in the env: at step t the model sees o_{1:t} (the
-# whole history, exactly as in pretraining), its action head gives p(a_t | o_{1:t}), an action is
-# sampled, and the env returns o_{t+1}. Re-running the whole prefix at every step would cost O(T^2)
-# forwards per episode; instead each attention layer keeps the keys and values of the past steps (a KV
-# cache) and each step only computes the new token. A test checks that stepping with the cache gives
-# exactly the logits of one full forward. We run n envs side by side, one batched forward per step.
+# 5. Rollouts: the frozen model, optionally controlled, acting in the env
+# Every evaluation rolls the model out: at step t it sees o_{1:t} (the whole history, as in pretraining), an
+# action is sampled from p(a_t | o_{1:t}) and the env returns o_{t+1}. Each attention layer keeps the keys and
+# values of the past steps (a KV cache), so a step computes only the new token (a test checks this equals one
+# full forward). n envs run side by side, one batched forward per step.
 @torch.no_grad()
 def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_layer: int = -1,
-            greedy: bool = False, pretrain_tasks: bool = False, record: bool = False) -> dict:
-    """n episodes in lock-step, one batched forward per env step; episode i uses env seed ``seed + i`` and,
-    with ``pretrain_tasks``, the pretraining task i mod 16 (every task evaluated equally often).
-
-    ``ctrl_fn(x, g)``: a controller applied at ``ctrl_layer``, given each episode's true subgoal g (n, 1).
-    Returns ``success``, ``wrong_colour`` (the share that failed; on the ant every failure counts: a wrong
-    colour, the wall cell, leaving the arena, falling; other non-successes timed out), ``colours`` (task
-    colours visited) and ``length`` (means). With ``record``, for RL (section 9): ``obs`` (n, T, 13) the
-    inputs o_1..o_T, ``actions`` (n, T), ``lengths`` (n,) and ``rewards`` (n,)."""
-    # One env per episode, stepped in lock-step. We use the env classes directly (not gymnasium's vector
-    # envs), so there is no autoreset: a finished episode simply stops being stepped.
-    E = env_module(model.task)
+            pretrain_tasks: bool = False, record: bool = False) -> dict:
+    """n episodes in lock-step; episode i has env seed ``seed + i`` (and with ``pretrain_tasks`` the pretraining
+    task i mod 16). ``ctrl_fn(x, g)``: a controller at ``ctrl_layer``, told each episode's true subgoal g (n, 1).
+    Returns the mean ``success`` and ``colours`` (task colours visited); with ``record`` (for RL) also ``obs``
+    (n, T, 13), ``actions`` (n, T), ``lengths`` (n,) and ``rewards`` (n,)."""
+    E = env_module(model.task)                      # env classes, not gymnasium's vector envs: no autoreset
     make = E.GridPinpadEnv if model.task == "grid" else E.AntPinpadEnv
     envs = [make(max_steps=E.MAX_STEPS) for _ in range(n)]          # (the limit is read here: tests shorten it)
     infos, inputs = [], []
@@ -974,19 +840,16 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
         obs, info = env.reset(seed=seed + i, options={"task": t})
         infos.append(info)
         inputs.append(env.cells() if model.task == "grid" else obs)   # the model's input form of o_1
-    # Evaluation has its own random generator, so evaluating never shifts any training randomness.
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)   # its own generator: evaluating shifts no training
     cache, alive = model.new_cache(), np.ones(n, dtype=bool)
     steps = np.zeros(n, dtype=np.int64)
     seen, taken = [], []                                                                # for ``record``
     for _ in range(E.MAX_STEPS):
         x = torch.tensor(np.array(inputs), device=device)[:, None]                     # (n, 1, 13)
         g = torch.tensor([info["subgoal"] for info in infos], device=device)[:, None]   # (n, 1)
-        # the controller is chosen by the env's *current* ground-truth subgoal (analysis only: an agent
-        # that must discover its subgoals, the metacontroller, comes in the next sections)
-        ctrl = None if ctrl_fn is None else (lambda e: ctrl_fn(e, g))
+        ctrl = None if ctrl_fn is None else (lambda e: ctrl_fn(e, g))          # told the true subgoal (analysis)
         act_out, _, _ = model(x, ctrl, ctrl_layer, cache)                               # (n, 1, 4)
-        acts = model.sample(act_out[:, 0], greedy, gen)                                 # (n,)
+        acts = model.sample(act_out[:, 0], gen)                                         # (n,) or (n, 8)
         if record:
             seen.append(x[:, 0])
             taken.append(acts)
@@ -1000,18 +863,7 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
         if not alive.any():
             break
     out = {"success": float(np.mean([env.success for env in envs])),
-           "wrong_colour": float(np.mean([env.failed for env in envs])),         # the rest timed out
-           "colours": float(np.mean([env.progress for env in envs])), "length": float(steps.mean())}
-    # Where episodes fail (diagnostics): how many task colours each unsuccessful episode reached, and for
-    # those that entered a wrong colour, the subgoal it needed (row) x the subgoal of the colour it entered.
-    out["fail_reached"] = np.bincount([env.progress for env in envs if not env.success],
-                                      minlength=max(len(env.task) for env in envs) + 1).tolist()
-    confusion = np.zeros((E.N_SUBGOALS, E.N_SUBGOALS), dtype=int)
-    for env in envs:
-        if env.failed and env.colour_here >= 0:
-            confusion[E.subgoal_of(env.task[env.progress]), E.subgoal_of(env.colour_here)] += 1
-    out["wrong_subgoal"] = confusion.tolist()
-    out["subgoal_pass"] = subgoal_pass([env.task for env in envs], [env.progress for env in envs], E.subgoal_of)
+           "colours": float(np.mean([env.progress for env in envs]))}
     if record:
         out.update(obs=torch.stack(seen, 1), actions=torch.stack(taken, 1),                # (n, T, 13), (n, T)
                    lengths=torch.tensor(steps, device=device),                             # (n,)
@@ -1019,72 +871,48 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
     return out
 
 
-def subgoal_pass(tasks: list, progress: list, subgoal_of) -> list:
-    """Where tasks fail, subgoal by subgoal: entry k is the share of the episodes that completed subgoals
-    1..k that also completed subgoal k+1 (a subgoal = a run of colours with the same subgoal id: a pair on
-    the grid). The list stops after the first subgoal no episode reached; its product is the success rate."""
-    done, n_sub = [], 0                                               # subgoals completed, per episode
-    for task, p in zip(tasks, progress):
-        ends = [i for i in range(1, len(task)) if subgoal_of(task[i]) != subgoal_of(task[i - 1])] + [len(task)]
-        done.append(sum(p >= i for i in ends))
-        n_sub = max(n_sub, len(ends))
-    reached = [sum(d >= k for d in done) for k in range(n_sub + 1)]
-    return [reached[k + 1] / reached[k] for k in range(n_sub) if reached[k]]
-
-
 def rollout_pair(model: GPT, n: int, seed: int, device, **kw) -> tuple:
-    """The fixed evaluation of sections 8 and 11: n episodes of the pretraining tasks (env seeds seed + i)
-    and n of the post-training task (env seeds seed + 10**6 + i), with the same rollout() options."""
+    """The fixed evaluation of section 8: n episodes of the pretraining tasks and n of the post-training task."""
     post = env_module(model.task).POSTTRAIN_TASK
     return (rollout(model, None, n, seed, device, pretrain_tasks=True, **kw),
             rollout(model, post, n, seed + 10 ** 6, device, **kw))
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6. Stage "pretrain": next-action prediction                                   [P Eq. 5, App. C.1]
-# L(theta) = sum_t [ -ln p(a_t | o_{1:t}) - lambda ln p(o_{t+1} | o_{1:t}) ]                    (Eq. 5)
-#
-# Nothing here mentions subgoals: the data are expert trajectories on the 16 pretraining tasks, with no
-# task label and no reward. To predict the expert's next move well, though, the model has to work out
-# in context which colour the expert is heading for, and that depends on which colours it visited
-# before (the pair rule: after colour 2k comes 2k+1; which pair comes next depends on the task). The
-# paper's claim is that this latent "current subgoal" then sits linearly in the mid-depth residual stream
-# (section 7) and can be steered (section 8).
-#
-# On a CPU the question is how fast that happens, so pretraining logs two diagnostics (PAPER.md 13): the
-# pair-rule accuracies of action_metrics() and a quick probe at layer 0 vs. layer L/2 (always compare to
-# layer 0: the agent-centred input gives it above-chance accuracy, as the agent is usually near its target).
+# 6. Stage "pretrain": next-action prediction                                   [Eq. 5, App. C.1]
+#     L(theta) = sum_t [ -ln p(a_t | o_{1:t}) - lambda ln p(o_{t+1} | o_{1:t}) ]                   (Eq. 5)
+# Nothing here mentions subgoals: expert trajectories on the 16 pretraining tasks, no task label, no reward. To
+# predict the expert's next move, though, the model has to work out in context which colour it is heading
+# for, which depends on the colours visited before (the pair rule: after colour 2k comes 2k+1; which pair
+# comes next depends on the task). The paper's claim is that this latent "current subgoal" then sits linearly
+# in the mid-depth residual stream (section 7) and can be steered (section 8). Whether the model has started
+# to track the task shows in the pair-rule split of action_metrics(), logged at every evaluation.
 @torch.no_grad()
 def action_metrics(model: GPT, episodes: list, device) -> dict:
-    """Held-out action NLL and accuracy, plus the pair-rule diagnostic of PAPER.md 13.
-
-    ``opt_acc_ambiguous``: argmax is an optimal expert action on steps heading to the *first* colour of a
-    pair (which pair comes next is at best partly known from the history); ``opt_acc_pair``: on steps
-    heading to the *second* colour (fully determined by the colour just visited). A model that tracks
-    the task has pair >> ambiguous; a model of local heuristics has them equal.
-
-    The ant: held-out NLL and the mean squared error of the mean action (``mse``), per joint."""
+    """Held-out action NLL and accuracy, and the pair-rule split: ``opt_acc_ambiguous`` is how often the argmax
+    is an optimal expert action on steps heading to the *first* colour of a pair (which pair comes next is at
+    best partly known from the history), ``opt_acc_pair`` on steps heading to the *second* (fully set by the
+    colour just visited). A model that tracks the task has pair >> ambiguous; local heuristics give them equal.
+    The ant: held-out NLL and the squared error of the mean action per joint (``mse``)."""
     model.eval()
     if model.task == "ant":
         nll, se, n = 0.0, 0.0, 0
         for b in batches_of(episodes, 32, device):
-            mean, _, _ = model(b["obs"])
-            m = b["mask"]
+            mean, m = model(b["obs"])[0], b["mask"]                                   # (B, T, 8), (B, T)
             nll -= model.action_logp(mean, b["actions"])[m].sum().item()
             se += ((mean - b["actions"]) ** 2).mean(-1)[m].sum().item()
             n += int(m.sum())
         model.train()
         return {"nll": nll / n, "mse": se / n}
-    nll, n, acc, hit = 0.0, 0, 0, {0: [0, 0], 1: [0, 0]}
+    nll, n, acc, hit = 0.0, 0, 0, {0: [0, 0], 1: [0, 0]}                   # parity -> [optimal argmax, steps]
     for b in batches_of(episodes, 256, device):
-        logits, _, _ = model(b["obs"])
-        m = b["actions"] >= 0
+        logits, m = model(b["obs"])[0], b["actions"] >= 0                              # (B, T, 4), (B, T)
         nll += F.cross_entropy(logits[m], b["actions"][m], reduction="sum").item()
         n += int(m.sum())
         pred = logits.argmax(-1)
         acc += int((pred == b["actions"])[m].sum())
         opt = b["optimal"].gather(-1, pred[..., None])[..., 0]                       # (B, T) argmax optimal?
-        for parity in (0, 1):
+        for parity in (0, 1):                                                          # heading to colour 2k / 2k+1
             mm = m & (b["next_colour"] % 2 == parity)
             hit[parity][0] += int(opt[mm].sum())
             hit[parity][1] += int(mm.sum())
@@ -1094,61 +922,40 @@ def action_metrics(model: GPT, episodes: list, device) -> dict:
 
 
 def lr_factor(step: int, args: Args) -> float:
-    """Linear warm-up, constant (as Table A4), then an optional linear cool-down over the last ``cooldown``
-    fraction of the steps; the last step (pretrain_steps - 1) uses 1 / (cooldown * pretrain_steps)."""
+    """Linear warm-up, constant (as Table A4), then a linear cool-down to 0 over the last ``cooldown`` fraction."""
     cool = args.cooldown * args.pretrain_steps
     left = (args.pretrain_steps - step) / cool if cool > 0 else 1.0
     return min(1.0, (step + 1) / max(args.warmup, 1), left)
 
 
 def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
-    """Train the base model from scratch on expert batches (grid: fresh ones; ant: from D).
+    """Train the base model from scratch on expert batches (grid: fresh ones; ant: drawn from the stored D).
     Returns the checkpoint: the weights ``model`` and the ``metrics``."""
-    path, fp = ckpt_path(args, "pretrain"), fingerprint(args, "pretrain", data.get("checksum", ""))
     torch.manual_seed(args.seed)
     model = GPT(args).to(device)
-    # weight decay on every weight except the ant's log std (decay would pull it towards std 1)
-    decay = [p for name, p in model.named_parameters() if name != "log_std"]
+    decay = [p for name, p in model.named_parameters() if name != "log_std"]    # (decay would pull the ant's std to 1)
     groups = [{"params": decay}] + ([{"params": [model.log_std], "weight_decay": 0.0}] if args.task == "ant" else [])
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    rng, step, spent, curve = data["train_rng"], 0, 0.0, []
-    # An interrupted run (same settings and code) resumes model, optimiser and data stream from its last
-    # evaluation. (The data stream restarts at a fresh length bucket, so a resumed run is close to, not
-    # bit-identical with, an uninterrupted one.)
-    ck = load_ckpt(path, fp)
-    if ck is not None:
-        load_weights(model, ck.get("model", {}), path)
-        opt.load_state_dict(ck["optim"])
-        rng.bit_generator.state = json.loads(ck["rng"])
-        step, spent, curve = ck["step"], ck["spent"], json.loads(ck["curve"])
-        log("6 pretrain", f"resuming {path} at step {step}")
-    n_params = sum(p.numel() for p in model.parameters())
-    if args.task == "grid":
-        log("6 pretrain", f"{n_params / 1e6:.2f}M parameters, {args.pretrain_steps} steps of {args.batch_size} fresh episodes")
-        draw = lambda n: generate_episodes(rng, n, gw.PRETRAIN_TASKS, args.epsilon)     # never reused
-    else:                   # the ant: batches sampled from the stored set D
-        log("6 pretrain", f"{n_params / 1e6:.2f}M parameters, {args.pretrain_steps} steps of {args.batch_size} episodes "
-            f"sampled from {len(data['train'])} stored ones")
-        draw = sample_from(rng, data["train"])
+    rng, curve, n_params = data["train_rng"], [], sum(p.numel() for p in model.parameters())
+    draw = (lambda n: generate_episodes(rng, n, gw.PRETRAIN_TASKS, args.epsilon)) if args.task == "grid" else \
+        sample_from(rng, data["train"])                                         # grid: fresh, never reused
+    log("6 pretrain", f"{n_params / 1e6:.2f}M parameters, {args.pretrain_steps} steps of {args.batch_size} episodes "
+        + ("(fresh)" if args.task == "grid" else f"(from {len(data['train'])} stored)"))
     stream = bucketed_batches(rng, draw, args.batch_size, args.bucket_batches, device)
-    # t0 is shifted by the time already spent (a resumed run) and by evaluation pauses (as is t_log), so
-    # the ETA, tok/s and train_time_s count training only.
-    t0, tokens, t_log = time.time() - spent, 0, time.time()
-    while step < args.pretrain_steps:
+    t0, tokens, t_log = time.time(), 0, time.time()          # both shifted by evaluation pauses (below)
+    for step in range(1, args.pretrain_steps + 1):
         b = next(stream)
         for g in opt.param_groups:
-            g["lr"] = args.lr * lr_factor(step, args)
+            g["lr"] = args.lr * lr_factor(step - 1, args)
         act_out, obs_out, _ = model(b["obs"])
-        # ALGO LOGIC: Eq. 5: -ln p(a_t | o_{1:t}) - lambda ln p(o_{t+1} | o_{1:t})
-        loss_a = model.action_nll(act_out, b["actions"], b["mask"])
-        loss_o = model.obs_loss(obs_out, b)
-        loss = loss_a + args.obs_coef * loss_o
+        loss_a = model.action_nll(act_out, b["actions"], b["mask"])                  # -ln p(a_t | o_{1:t})
+        loss_o = model.obs_loss(obs_out, b)                                           # -ln p(o_{t+1} | o_{1:t})
+        loss = loss_a + args.obs_coef * loss_o                                        # ALGO LOGIC: Eq. 5
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)   # rare spikes early in training
-        check_finite("6 pretrain", step + 1, "lr", args, loss=loss.item(), gradient_norm=gnorm.item())
+        check_finite("6 pretrain", step, "lr", args, loss=loss.item(), gradient_norm=gnorm.item())
         opt.step()
-        step += 1
         tokens += int(b["mask"].sum())
         if step % args.log_every == 0 or step == args.pretrain_steps:
             tps = tokens / (time.time() - t_log)
@@ -1158,34 +965,27 @@ def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
         if step % args.eval_every == 0 or step == args.pretrain_steps:
             te = time.time()
             m = action_metrics(model, data["heldout"], device)
-            pr = probe_all(model, data["dstar_heldout"][:args.quick_probe_episodes], [0, args.n_layer // 2], device,
-                           steps=args.quick_probe_steps, lr=args.probe_lr)
-            curve.append({"step": step, "minutes": (time.time() - t0) / 60, **m, "probe_l0": pr[0], "probe_mid": pr[1]})
+            curve.append({"step": step, "minutes": (time.time() - t0) / 60, **m})
             fit = (f"acc {m['acc']:.3f} | optimal-action acc ambiguous {m['opt_acc_ambiguous']:.3f} / pair-determined "
                    f"{m['opt_acc_pair']:.3f}" if args.task == "grid" else f"mean-action squared error {m['mse']:.4f}")
-            log("6 pretrain", f"eval step {step} | nll {m['nll']:.3f} | {fit} | probe layer 0 {pr[0]:.3f} -> layer "
-                f"{args.n_layer // 2} {pr[1]:.3f} ({time.time() - te:.0f}s)", **curve[-1])
-            pause = time.time() - te        # evaluation time does not count as training time
-            t0, t_log = t0 + pause, t_log + pause
-            save_ckpt(path, {"fingerprint": fp, "finished": False, "model": model.state_dict(),
-                             "optim": opt.state_dict(), "rng": json.dumps(rng.bit_generator.state), "step": step,
-                             "spent": time.time() - t0, "curve": json.dumps(curve)})
-    m = action_metrics(model, data["heldout"], device)
+            log("6 pretrain", f"eval step {step} | held-out nll {m['nll']:.3f} | {fit} ({time.time() - te:.0f}s)", **curve[-1])
+            t0, t_log = t0 + time.time() - te, t_log + time.time() - te             # evaluation is not training time
+    m = curve[-1]                                     # the last step is always evaluated
     metrics = {"steps": step, "episodes": step * args.batch_size, "heldout_nll": m["nll"],
                **({"heldout_acc": m["acc"], "opt_acc_ambiguous": m["opt_acc_ambiguous"], "opt_acc_pair": m["opt_acc_pair"]}
                   if args.task == "grid" else {"heldout_mse": m["mse"]}),
                "train_time_s": time.time() - t0, "n_params": n_params, "curve": curve}
-    return {"finished": True, "model": model.state_dict(), "metrics": metrics}
+    return {"model": model.state_dict(), "metrics": metrics}
 
 
 # ---------------------------------------------------------------------------------------------------
-# 7. Stage "probe": linear probes of the current subgoal                 [P Sec. 5.1, Eq. 6-7, Fig. 3/A1]
-# Is the current subgoal g_t (which colour pair the expert is working on) *linearly* readable from the
-# residual e_{t,l}? For each layer l we fit p(g_t = g | e_{t,l}) = softmax(W_l e_{t,l} + b_l)_g (Eq. 6-7)
-# on the frozen model's residuals of held-out D* episodes and score it on other episodes (split by
-# episode: steps of one episode are strongly correlated, so a split by step would leak). The paper sees
-# accuracy rise from ~0.3 at the input to ~0.5 around mid-depth (Fig. A1). The probe is the subgoal's
-# identity (0..3), not its index within the task (a bug in one public re-implementation).
+# 7. Stage "probe": linear probes of the current subgoal                 [Sec. 5.1, Eq. 6-7, Fig. 3/A1]
+# Is the current subgoal g_t (the colour pair the expert is working on) *linearly* readable from e_{t,l}? For
+# each layer we fit p(g_t = g | e_{t,l}) = softmax(W_l e_{t,l} + b_l)_g (Eq. 6-7) on the frozen model's
+# residuals of held-out D* episodes and score it on other episodes (split by episode: steps of one episode are
+# correlated). The paper sees ~0.3 at the input rise to ~0.5 mid-depth (Fig. A1). The label is the subgoal's
+# identity, not its index within the task (a bug of one public re-implementation). Compare with layer 0: the
+# agent-centred input alone reads the subgoal above chance, as the agent is usually near its target.
 @torch.no_grad()
 def residual_features(model: GPT, episodes: list, device) -> tuple:
     """Residuals of every real step at every layer and their subgoal labels: ([L+1 x (N, D)], (N,))."""
@@ -1203,9 +1003,7 @@ def residual_features(model: GPT, episodes: list, device) -> tuple:
 
 def train_probe(x_tr, y_tr, x_te, y_te, steps: int, lr: float) -> float:
     """Softmax probe p(g | e) = softmax(W e + b) (Eq. 6-7), full-batch AdamW; returns held-out accuracy."""
-    # Residual norms differ a lot between layers; standardising each feature (with train statistics only)
-    # lets one learning rate fit every layer. A linear map of standardised features is still linear in e.
-    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-5                                  # standardise (train stats)
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-5       # standardise (train stats): one lr fits every layer, still linear
     x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
     probe = nn.Linear(x_tr.shape[1], int(max(y_tr.max(), y_te.max())) + 1).to(x_tr.device)  # one output per subgoal id
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
@@ -1241,27 +1039,23 @@ def probe_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict
 
 
 # ---------------------------------------------------------------------------------------------------
-# 8. Stage "controllers": ground-truth residual-stream controllers        [P Eq. 1, Sec. 5.2, Fig. 4, Table A7]
-# Probing says the information is there; control asks whether the model *uses* it. Eq. 1 inserts a
-# linear controller into the residual stream at layer l:
-#
-#     e_{t,l} <- e_{t,l} + U_t e_{t,l}                                                           (Eq. 1)
-#
-# and blocks l+1..L process the edited stream as if nothing happened. There is one controller per
-# subgoal g, low-rank as in LoRA: U^(g) = A_g B_g^T with A_g, B_g in R^{D x r} (r = 16; the ant: full
-# rank, Table A8). The ground-truth subgoal g_t picks U_t = U^(g_t) at every step. If the residual stream
-# encodes the subgoal linearly, such a U can *steer* the frozen model toward it, and switching controllers
-# in the right order should solve subgoal orders never seen in pretraining (the post-training task).
+# 8. Stage "controllers": ground-truth residual-stream controllers        [Eq. 1, Sec. 5.2, Fig. 4, Table A7]
+# Probing says the information is there; control asks whether the model *uses* it. Eq. 1 inserts a linear
+# controller into the residual stream at layer l, e_{t,l} <- e_{t,l} + U_t e_{t,l}, and blocks l+1..L process
+# the edited stream as if nothing happened. One controller per subgoal g, low-rank as in LoRA: U^(g) = A_g B_g^T
+# with A_g, B_g in R^{D x r} (the ant: full rank, Table A8); the true subgoal picks U_t = U^(g_t) at every step.
+# If the stream encodes the subgoal linearly, such a U can *steer* the frozen model toward it, and switching
+# controllers in the right order should solve subgoal orders never seen in pretraining.
 #
 #   Symbol  | Shape        | Meaning
-#   A, B    | (K, D, r)    | factors of the K = 4 controllers (only these train; the base is frozen)
-#   g       | (B, T)       | ground-truth subgoal id per step (from the env's info / the dataset)
-#   U^(g)   | (D, D)       | A_g B_g^T, never formed during training (apply_controller works on factors)
+#   A, B    | (G, D, r)    | factors of the G controllers (only these train; the base is frozen)
+#   g       | (B, T)       | the true subgoal per step (from the env's info or the dataset)
+#   U^(g)   | (D, D)       | A_g B_g^T, never formed in training (the factors are applied one after the other)
 #
-# Training minimises -sum_t ln p(a_t | o_{1:t}, g_t) on D* (Table A7). Evaluation switches controllers by
-# the env's ground-truth subgoal, samples actions and counts successes: on the pretraining tasks (does the
-# controller steer at all?) and on the post-training task 0-1-2-3-4-5-6-7-0-1-2-3 (does steering compose
-# into subgoal orders the model never saw?). The paper finds mid-depth (L/2) works best (Fig. 4).
+# Training minimises -sum_t ln p(a_t | o_{1:t}, g_t) on D* (Table A7). Evaluation switches controllers by the
+# env's true subgoal and counts successes on the pretraining tasks (does it steer at all?) and on the
+# post-training task 0-1-2-3-4-5-6-7-0-1-2-3 (does steering compose into an unseen subgoal order?). The paper
+# finds mid-depth (L/2) works best (Fig. 4).
 
 def apply_controller(x, A, Bm):
     """U x with U = A B^T, without forming U: x (..., D), A and Bm (..., D, r) -> (..., D)."""
@@ -1270,42 +1064,37 @@ def apply_controller(x, A, Bm):
 
 
 class SubgoalControllers(nn.Module):
-    """K low-rank controllers, selected per step by the subgoal id g (B, T).
+    """G low-rank controllers, picked per step by the subgoal g (B, T); A starts at 0 (U = 0: the identity)."""
 
-    A starts at 0 (so U = 0, the exact identity, at initialisation, as in LoRA); B starts random."""
-
-    def __init__(self, K: int, D: int, rank: int):
+    def __init__(self, G: int, D: int, rank: int):
         super().__init__()
-        self.A = nn.Parameter(torch.zeros(K, D, rank))                           # (K, D, r)
-        self.B = nn.Parameter(torch.randn(K, D, rank) / math.sqrt(D))            # (K, D, r)
+        self.A = nn.Parameter(torch.zeros(G, D, rank))                           # (G, D, r)
+        self.B = nn.Parameter(torch.randn(G, D, rank) / math.sqrt(D))            # (G, D, r)
 
     def forward(self, x, g):
-        """x (B, T, D), g (B, T) -> U^(g_t) x_t (B, T, D).
-
-        Same as ``apply_controller(x, self.A[g], self.B[g])``, but without copying a (D, r) pair of factors
-        for every step: apply all K controllers' B^T, keep the selected one, then apply A."""
-        onehot = F.one_hot(g, self.A.shape[0]).to(x.dtype)                       # (B, T, K)
-        coef = torch.einsum("btd,kdr->btkr", x, self.B) * onehot[..., None]      # B_g^T x   (B, T, K, r)
-        return torch.einsum("btkr,kdr->btd", coef, self.A)                       # ALGO LOGIC: U_t x = A_g B_g^T x
+        """x (B, T, D), g (B, T) -> U^(g_t) x_t (B, T, D): apply_controller(x, self.A[g], self.B[g]) without a copy
+        of the factors per step (all G controllers' B^T x, keep the picked one, then apply A)."""
+        onehot = F.one_hot(g, self.A.shape[0]).to(x.dtype)                       # (B, T, G)
+        coef = torch.einsum("btd,gdr->btgr", x, self.B) * onehot[..., None]      # B_g^T x   (B, T, G, r)
+        return torch.einsum("btgr,gdr->btd", coef, self.A)                       # ALGO LOGIC: U_t x = A_g B_g^T x
 
     def U(self, k: int):
         return self.A[k] @ self.B[k].T                                           # (D, D), rank <= r
 
 
 def train_controllers(args: Args, model: GPT, layer: int, episodes: list, device, log: Logger) -> SubgoalControllers:
-    """Minimise sum_t -ln p(a_t | o_{1:t}, g_t) on D* with the base model frozen (only A, B train)."""
-    model.requires_grad_(False).eval()       # the base model is frozen: gradients reach only A and B
-    K = env_module(args.task).N_SUBGOALS
-    ctrl = SubgoalControllers(K, args.n_embd, args.ctrl_rank or args.n_embd).to(device)           # rank 0: full
+    """Minimise sum_t -ln p(a_t | o_{1:t}, g_t) on D*; the base model is frozen, so gradients reach only A and B."""
+    model.requires_grad_(False).eval()
+    G = env_module(args.task).N_SUBGOALS
+    ctrl = SubgoalControllers(G, args.n_embd, args.ctrl_rank or args.n_embd).to(device)           # rank 0: full
     opt = torch.optim.AdamW(ctrl.parameters(), lr=args.ctrl_lr, weight_decay=args.weight_decay)
-    rng = np.random.default_rng(args.seed + 100 + layer)
-    t0 = time.time()
+    rng, t0 = np.random.default_rng(args.seed + 100 + layer), time.time()
     for step in range(1, args.ctrl_steps + 1):
         idx = rng.integers(len(episodes), size=args.ctrl_batch)
         b = collate([episodes[i] for i in idx], device)
         g = b["subgoals"].clamp(min=0)                                           # padding -> any id (masked)
-        act_out, _, _ = model(b["obs"], lambda x: ctrl(x, g), layer)
-        loss = model.action_nll(act_out, b["actions"], b["mask"])
+        act_out, _, _ = model(b["obs"], lambda x: ctrl(x, g), layer)             # Eq. 1 at ``layer``
+        loss = model.action_nll(act_out, b["actions"], b["mask"])                # -ln p(a_t | o_{1:t}, g_t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         check_finite("8 controllers", step, "ctrl-lr", args, loss=loss.item())
@@ -1318,6 +1107,7 @@ def train_controllers(args: Args, model: GPT, layer: int, episodes: list, device
 
 @torch.no_grad()
 def controlled_nll(model: GPT, ctrl, layer: int, episodes: list, device) -> float:
+    """Mean -ln p(a_t | o_{1:t}, g_t) on ``episodes`` with the controllers ``ctrl`` (None: the base model alone)."""
     total, n = 0.0, 0
     for b in batches_of(episodes, 256, device):
         g = b["subgoals"].clamp(min=0)
@@ -1329,77 +1119,56 @@ def controlled_nll(model: GPT, ctrl, layer: int, episodes: list, device) -> floa
 
 
 def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
-    """Train and evaluate ground-truth controllers at each layer in --ctrl-layers (Fig. 4's x-axis).
-
-    The base model alone is evaluated on the same episodes: on pretraining tasks it can only guess the
-    task (a perfect pair rule with no task knowledge succeeds ~1/16 of the time), on the post-training
-    task it essentially never succeeds. Controllers that steer should lift the first well above that.
-    Returns the checkpoint: the ``metrics`` and the ``controllers`` of every layer."""
+    """Train and evaluate ground-truth controllers at each layer of --ctrl-layers (Fig. 4's x-axis), beside the
+    base model alone (on pretraining tasks it can only guess the task: a perfect pair rule without task knowledge
+    succeeds in ~1/16 of episodes). Returns the checkpoint: the ``metrics`` and the ``controllers`` per layer."""
     t0, post_task = time.time(), env_module(args.task).POSTTRAIN_TASK
-    ev = dict(n=args.n_eval, seed=data["eval_seed"], device=device, greedy=args.greedy)
+    ev = dict(n=args.n_eval, seed=data["eval_seed"], device=device)
+    held = data["dstar_heldout"][:args.n_probe // 2]
     base_pre, base_post = rollout_pair(model, **ev)
     log("8 controllers", f"base model alone: success pretraining tasks {base_pre['success']:.3f}, "
         f"post-training task {base_post['success']:.3f} ({base_post['colours']:.1f} of {len(post_task)} colours)")
-    layers = ctrl_layers(args)
-    per_layer, states = {}, {}
-    for layer in layers:
+    layers, per_layer, states = ctrl_layers(args), {}, {}
+    for i, layer in enumerate(layers):
         ctrl = train_controllers(args, model, layer, data["dstar_train"], device, log)
-        nll = controlled_nll(model, ctrl, layer, data["dstar_heldout"][:args.n_probe // 2], device)
+        nll = controlled_nll(model, ctrl, layer, held, device)
         pre, post = rollout_pair(model, ctrl_fn=ctrl, ctrl_layer=layer, **ev)
-        per_layer[layer] = {"nll": nll, "pretrain": pre, "posttrain": post}
-        if layer == args.n_layer // 2:            # diagnostic: where the post-training episodes fail
-            top = sorted(((n, i, j) for i, row in enumerate(post["wrong_subgoal"]) for j, n in enumerate(row) if n),
-                         reverse=True)[:4]
-            log("8 controllers", f"layer {layer}, post-training task: unsuccessful episodes by task colours reached "
-                f"(0..{len(post_task)}) {post['fail_reached']} | wrong colour entered, subgoal needed -> entered: "
-                + ", ".join(f"{i}->{j} x{n}" for n, i, j in top) + " | completed subgoal k, of the episodes that "
-                f"reached it: {' '.join(f'{p:.2f}' for p in post['subgoal_pass'])} (pretraining tasks: "
-                f"{' '.join(f'{p:.2f}' for p in pre['subgoal_pass'])})", subgoal_pass=post["subgoal_pass"],
-                subgoal_pass_pretrain=pre["subgoal_pass"])
-        states[str(layer)] = ctrl.state_dict()
-        log("8 controllers", f"layer {layer}: held-out D* nll {nll:.3f} | success pretraining tasks "
-            f"{pre['success']:.3f} (failed {pre['wrong_colour']:.2f}) | post-training task {post['success']:.3f} "
-            f"({post['colours']:.1f} of {len(post_task)} colours, failed {post['wrong_colour']:.2f}) "
-            f"| {eta(t0, layers.index(layer) + 1, len(layers))}", layer=layer, pretrain=pre["success"],
-            posttrain=post["success"])
-    # Diagnostic (grid; not the paper's protocol, which trains on D* only): controllers at L/2 trained on D*
-    # plus as many expert episodes of the post-training task itself. If these steer the novel order and the D*
-    # controllers do not, the base model *can* be steered there by a linear edit at L/2, and what fails is the
-    # D* controllers' transfer: D* never shows a subgoal that the history rules out (README "What mattered").
-    oracle = {}
-    if args.ctrl_oracle and args.task == "grid" and args.n_layer // 2 in per_layer:
-        mid, n = args.n_layer // 2, args.n_dstar // 2
+        per_layer[layer], states[str(layer)] = (nll, pre, post), ctrl.state_dict()
+        log("8 controllers", f"layer {layer}: held-out D* nll {nll:.3f} | success pretraining tasks {pre['success']:.3f} "
+            f"| post-training task {post['success']:.3f} ({post['colours']:.1f} of {len(post_task)} colours) | "
+            f"{eta(t0, i + 1, len(layers))}", layer=layer, pretrain=pre["success"], posttrain=post["success"])
+    # A diagnostic (grid; not the paper's protocol, which trains on D* only): controllers at L/2 trained on D*
+    # plus as many expert episodes of the post-training task itself. If these steer the novel order where the
+    # D* controllers do not, a linear edit at L/2 *can* steer the model there, and what fails is the transfer
+    # from D*, which never shows a subgoal that the history rules out.
+    oracle, mid = {}, args.n_layer // 2
+    if args.ctrl_oracle and args.task == "grid" and mid in per_layer:
+        n = args.n_dstar // 2
         rng = np.random.default_rng(np.random.SeedSequence(args.seed).spawn(6)[5])   # a stream no other set uses
         mixed = [ep for pair in zip(data["dstar_train"][:n], generate_episodes(rng, n, [post_task], 0.0)) for ep in pair]
         torch.manual_seed(args.seed + 5)
         ctrl = train_controllers(args, model, mid, mixed, device, log)
         o_pre, o_post = rollout_pair(model, ctrl_fn=ctrl, ctrl_layer=mid, **ev)
         oracle = {"controller_success_oracle": o_post["success"], "controller_success_oracle_pretrain": o_pre["success"]}
-        log("8 controllers", f"layer {mid}, diagnostic: controllers trained on D* + post-training expert episodes "
-            f"(not the protocol): success pretraining tasks {o_pre['success']:.3f} | post-training task "
-            f"{o_post['success']:.3f}, completed subgoal k: {' '.join(f'{p:.2f}' for p in o_post['subgoal_pass'])} "
-            f"(D* controllers: {per_layer[mid]['posttrain']['success']:.3f})", **oracle)
-    by_layer = lambda f: [f(per_layer[l]) if l in per_layer else None for l in range(args.n_layer + 1)]
-    metrics = {
-        "base_success": base_post["success"], "base_success_pretrain": base_pre["success"],
-        "base_nll": controlled_nll(model, None, -1, data["dstar_heldout"][:args.n_probe // 2], device),
-        "controller_success": by_layer(lambda r: r["posttrain"]["success"]),
-        "controller_success_pretrain": by_layer(lambda r: r["pretrain"]["success"]),
-        "controller_colours": by_layer(lambda r: r["posttrain"]["colours"]),
-        "controller_nll": by_layer(lambda r: r["nll"]),
-        "controller_rollouts": {str(l): v for l, v in per_layer.items()},
-        "base_rollouts": {"pretrain": base_pre, "posttrain": base_post},
-        "eval_episodes": args.n_eval, "eval_greedy": args.greedy, "train_time_s": time.time() - t0, **oracle,
-    }
+        log("8 controllers", f"layer {mid}, diagnostic: controllers trained on D* + post-training expert episodes (not "
+            f"the protocol): success pretraining tasks {o_pre['success']:.3f} | post-training task {o_post['success']:.3f} "
+            f"(D* controllers: {per_layer[mid][2]['success']:.3f})", **oracle)
+    by_layer = lambda f: [f(*per_layer[l]) if l in per_layer else None for l in range(args.n_layer + 1)]
+    metrics = {"base_success": base_post["success"], "base_success_pretrain": base_pre["success"],
+               "base_nll": controlled_nll(model, None, -1, held, device),
+               "controller_success": by_layer(lambda nll, pre, post: post["success"]),
+               "controller_success_pretrain": by_layer(lambda nll, pre, post: pre["success"]),
+               "controller_colours": by_layer(lambda nll, pre, post: post["colours"]),
+               "controller_nll": by_layer(lambda nll, pre, post: nll), "train_time_s": time.time() - t0, **oracle}
     return {"metrics": metrics, "controllers": states}
 
 
 # ---------------------------------------------------------------------------------------------------
-# 9. The RL toolkit and token-level RL                                    [P Sec. 8.3-8.4, App. C.5.2]
-# The post-training task (0-1-2-3-4-5-6-7-0-1-2-3) pays a single reward of 1 when all 12 colours are
-# visited in order, else 0. Its subgoal order A-B-C-D-A-B uses only transitions that never occur in
-# pretraining, and its episodes are twice as long. Both RL methods of the paper use the same update
-# (App. C.5.2): a PPO-style clipped ratio with no critic, and one advantage per *trajectory*,
+# 9. The RL toolkit and token-level RL                                    [Sec. 8.3-8.4, App. C.5.2]
+# The post-training task (0-1-2-3-4-5-6-7-0-1-2-3) pays a single reward of 1 when all 12 colours are visited in
+# order, else 0. Its subgoal order A-B-C-D-A-B uses only transitions that pretraining never shows, and its
+# episodes are twice as long. Both RL methods use the same update (App. C.5.2): a PPO-style clipped ratio, no
+# critic, one advantage per *trajectory*,
 #
 #     A_tau = (R(tau) - mean_B R) / (std_B R + 1e-3)                     (population std over the batch)
 #     L = -E_tau [ sum_t min( rho_t A_tau, clip(rho_t, 1 - eps, 1 + eps) A_tau ) ],
@@ -1417,9 +1186,8 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
 #   logp     | (B, T')   | log pi(act | history) of each action (T' = env steps, or switches for internal RL)
 #   mask     | (B, T')   | 1 where the action exists (episodes have different lengths / numbers of switches)
 #
-# Token-level RL starts from the pretrained model, which on this task succeeds essentially never (0 in
-# section 8's 500 episodes; PAPER.md 8.4: about once in a million): with no success in a batch every
-# advantage is 0 and the update does nothing. That is the paper's point about raw-action exploration.
+# Token-level RL starts from the pretrained model, which on this task essentially never succeeds (Sec. 8.4:
+# about once in a million episodes); with no success in a batch every advantage is 0 and nothing is learned.
 
 def trajectory_advantage(rewards):
     """A_tau = (R - mean_B R) / (std_B R + 1e-3) (App. C.5.2): one number per episode (B,)."""
@@ -1427,10 +1195,8 @@ def trajectory_advantage(rewards):
 
 
 def ppo_loss(logp, logp_old, adv, mask, clip: float):
-    """-mean over all actions in the batch of min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - logp_old).
-
-    logp, logp_old, mask: (B, T') per action; adv: (B,) per episode, broadcast to each of its actions (one
-    public re-implementation used adv[0] for every episode; a test checks this against a slow loop)."""
+    """-mean over the batch's actions of min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - logp_old);
+    logp, logp_old, mask (B, T'); adv (B,), broadcast to each episode's actions (not adv[0] for all: a public bug)."""
     ratio = torch.exp(logp - logp_old)                                             # (B, T')  rho
     a = adv[:, None]                                                               # (B, 1)   A_tau
     obj = torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)                # ALGO LOGIC: clipped surrogate
@@ -1450,12 +1216,9 @@ def token_logp(model: GPT, obs, actions):
 
 def rl_train(args: Args, tag: str, collect, logp_fn, params, lr_flag: str, seed: int, log: Logger) -> dict:
     """The shared RL loop (Alg. 3): collect B episodes with the current policy, one advantage per episode,
-    ``rl_epochs`` full-batch steps on the clipped objective; until ``rl_episodes`` episodes are used. The
-    learning rate is the setting ``lr_flag`` (token-lr or irl-lr).
-
-    ``collect(n, seed)`` -> batch dict with ``rewards`` (B,), ``mask`` (B, T') and whatever ``logp_fn``
-    needs; ``logp_fn(batch)`` -> (B, T') log-probabilities of the batch's actions under the current policy.
-    Returns the learning curve: [episodes so far, success rate of that batch] per batch."""
+    ``rl_epochs`` full-batch steps on the clipped objective, until ``rl_episodes`` are used; the learning rate is
+    the setting ``lr_flag``. ``collect(n, seed)`` -> a batch with ``rewards`` (B,), ``mask`` (B, T') and what
+    ``logp_fn(batch)`` needs to return (B, T') log-probabilities. Returns the curve [episodes, batch success]."""
     lr = getattr(args, lr_flag.replace("-", "_"))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.999))   # Table A13: wd 0
     curve, episodes, t0 = [], 0, time.time()
@@ -1484,9 +1247,8 @@ def rl_train(args: Args, tag: str, collect, logp_fn, params, lr_flag: str, seed:
 
 
 def rl_report(args: Args, name: str, m: dict, test: dict, data: dict, log: Logger, t0: float) -> dict:
-    """The final test's numbers, logged and added to the training metrics ``m`` of RL method ``name``."""
-    m.update(success=test["success"], colours=test["colours"], wrong_colour=test["wrong_colour"],
-             train_time_s=time.time() - t0)
+    """The final test's numbers, logged and added to the training metrics ``m`` of the RL stage ``name``."""
+    m.update(success=test["success"], colours=test["colours"], train_time_s=time.time() - t0)
     if "expert" in data:             # the ant: relative to the expert, as the paper's Fig. 8 does
         m["success_normalised"] = test["success"] / max(data["expert"]["posttrain"], 1e-9)
     log(f"{CHECKPOINTS[name][0]} {name}", f"final test on {args.rl_eval} post-training episodes (unseen env seeds): "
@@ -1496,8 +1258,8 @@ def rl_report(args: Args, name: str, m: dict, test: dict, data: dict, log: Logge
 
 
 def token_rl(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
-    """Token-level RL: finetune a copy of the pretrained base model on primitive actions (Sec. 8.4), then
-    test it on unseen env seeds. Returns the checkpoint: the ``metrics`` and the finetuned ``policy``."""
+    """Token-level RL: finetune a copy of the base model on primitive actions (Sec. 8.4), then test it on unseen
+    env seeds. Returns the checkpoint: the ``metrics`` and the finetuned ``policy``."""
     t0, post = time.time(), env_module(args.task).POSTTRAIN_TASK
     policy = copy.deepcopy(model).requires_grad_(True)     # the frozen original stays untouched
 
@@ -1514,34 +1276,31 @@ def token_rl(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 10. The metacontroller: discovering subgoals and when to switch      [P Sec. 6, Eq. 2-3, App. D.2, Table A9]
-# Section 8 needed the true subgoal labels. The metacontroller finds controllers *and* their timing
-# without labels, self-supervised on D*, reading the frozen model's residual e_t = e_{t,L/2} and writing
-# a controller back at the same layer:
-#
-#   s     = f_emb(e_{1:T})                           non-causal sequence embedding (sees the future) Eq. 13
-#   h_t   = GRU(e_t, h_{t-1})                        history                                         Eq. 12
-#   mu_t, Sigma_t = f_enc(e_t, h_{t-1}, s);  z~_t ~ N(mu_t, Sigma_t)    proposal for a new code      Eq. 14-15
-#   beta_t = f_switch(e_t, h_{t-1}, z_{t-1}) in [0, 1]     causal switching unit (no s: usable at test time) Eq. 16
-#   z_t   = beta_t z~_t + (1 - beta_t) z_{t-1}      temporal integration                             Eq. 2
-#   U_t   = f_hyp(z_t) = A(z_t) B(z_t)^T            hypernetwork decoder, rank r (16; ant: D)        Eq. 18
-#   e_t  <- e_t + U_t e_t                           then the frozen upper blocks predict a_t        Eq. 11
-#
-# Loss (Eq. 3 with lambda = 0): sum_t [ -ln p(a_t | o_{1:t}, z_{1:t}) + alpha KL(N(mu_t, Sigma_t) || N(0, I)) ].
+# 10. Stage "metacontroller": discovering subgoals and when to switch        [Sec. 6, Eq. 2-3, App. D.2, Table A9]
+# Section 8 needed the true subgoal labels. The metacontroller finds controllers *and* their timing without
+# labels, self-supervised on D*: it reads the frozen model's residual e_t = e_{t,L/2} and writes a controller
+# back at the same layer (App. D.2):
+#   s      = f_emb(e_{1:T})                     non-causal sequence embedding (sees the future)      (Eq. 13)
+#   h_t    = GRU(e_t, h_{t-1})                  the history so far                                   (Eq. 12)
+#   mu_t, Sigma_t = f_enc(e_t, h_{t-1}, s);  z~_t ~ N(mu_t, Sigma_t)   a proposed new code       (Eq. 14-15)
+#   beta_t = f_switch(e_t, h_{t-1}, z_{t-1})    the causal switching unit, in [0, 1] (no s)          (Eq. 16)
+#   z_t    = beta_t z~_t + (1 - beta_t) z_{t-1}  temporal integration                                 (Eq. 2)
+#   U_t    = f_hyp(z_t) = A(z_t) B(z_t)^T       the hypernetwork decoder, rank r (the ant: D)        (Eq. 18)
+#   e_t   <- e_t + U_t e_t                      then the frozen upper blocks predict a_t             (Eq. 11)
+# Loss (Eq. 3 with lambda = 0):  sum_t [ -ln p(a_t | o_{1:t}, z_{1:t}) + alpha KL(N(mu_t, Sigma_t) || N(0, I)) ].
 # The KL is charged at *every* step, not weighted by beta (App. E.1 shows the relaxed per-step KL is this
-# whatever beta is; weighting by beta is a bug one re-implementation shipped). Switching comes out sparse
-# because a proposal that beta ignores can sit at the prior for free: one code per subgoal, sent at its start,
-# buys the subgoal's NLL for a few nats, a rate-distortion trade-off set by alpha (Fig. 7; README).
+# whatever beta is; weighting it by beta is a bug a public re-implementation shipped). Switching comes out
+# sparse because a proposal that beta ignores can sit at the prior for free: one code per subgoal, sent at
+# its start, buys the subgoal's NLL for a few nats, a rate-distortion trade-off set by alpha (Fig. 7).
 #
 #   Symbol     | Shape          | Meaning
 #   e          | (B, T, D)      | e_{t,L/2} of the frozen model on D* episodes (no controller below L/2)
-#   s          | (B, S)         | sequence embedding, S = mc_hidden (32)
-#   h          | (B, T, H)      | history GRU states h_1..h_T, H = mc_hidden
-#   mu, logvar | (B, T, Z)      | Gaussian proposal, Z = n_z (8)
+#   s          | (B, H)         | sequence embedding, H = mc_hidden
+#   h          | (B, T, H)      | history GRU states h_1..h_T
+#   mu, logvar | (B, T, Z)      | the Gaussian proposal, Z = n_z
 #   beta       | (B, T)         | switching gate (beta_1 = 1: the first step always picks a code)
 #   z          | (B, T, Z)      | integrated code
-#   A, Bm      | (B, T, D, r)   | U_t = A Bm^T
-#
+#   A, B       | (B, T, D, r)   | U_t = A B^T (formed only by factors(); apply() contracts without them)
 # The forced-switching ablation (App. C.4.1) trains the same module with beta_t = 1 at every step.
 
 def gaussian_kl(mu, logvar):
@@ -1553,17 +1312,17 @@ class MetaController(nn.Module):
     def __init__(self, args: Args):
         super().__init__()
         D, Z, H, E, r = args.n_embd, args.n_z, args.mc_hidden, args.mc_enc_hidden, args.ctrl_rank or args.n_embd
-        self.D, self.r, self.Z, self.gumbel = D, r, Z, args.mc_gumbel
-        # internal sequence embedder (Eq. 13): a bidirectional GRU over the whole sequence, its outputs
-        # averaged over the real steps (our choice of pooling; the paper does not say), then linear.
+        self.D, self.r, self.gumbel = D, r, args.mc_gumbel
+        # f_emb: a bidirectional GRU over the whole sequence, its outputs averaged over the real steps (our
+        # choice of pooling; the paper does not say), then linear
         self.embedder = nn.GRU(D, H, batch_first=True, bidirectional=True)
         self.emb_out = nn.Linear(2 * H, H)
         self.history = nn.GRU(D, H, batch_first=True)                                    # Eq. 12
         self.encoder = nn.Sequential(nn.Linear(D + H + H, E), nn.ReLU(), nn.Linear(E, 2 * Z))  # Eq. 14
         self.switch = nn.Sequential(nn.Linear(D + H + Z, E), nn.ReLU(), nn.Linear(E, 1))       # Eq. 16
         self.decoder = nn.Sequential(nn.Linear(Z, H), nn.ReLU(), nn.Linear(H, 2 * D * r))      # Eq. 18
-        # LoRA-style start: the A half of the decoder's output is exactly 0 (U = 0, the identity), the B
-        # half is random, so the first gradient step already moves U.
+        # LoRA-style start: the A half of the decoder's output is exactly 0 (U = 0, the identity), the B half
+        # is random, so the first gradient step already moves U.
         last = self.decoder[2]
         with torch.no_grad():
             last.weight[:D * r].zero_()
@@ -1572,104 +1331,67 @@ class MetaController(nn.Module):
             last.bias[D * r:].normal_(0, 1 / math.sqrt(D))
 
     def factors(self, z):
-        """z (..., Z) -> A, Bm (..., D, r): the low-rank controller U = A Bm^T (Eq. 18)."""
+        """z (..., Z) -> A, B (..., D, r): the low-rank controller U = A B^T = f_hyp(z) (Eq. 18)."""
         out = self.decoder(z).unflatten(-1, (2, self.D, self.r))                         # (..., 2, D, r)
         return out[..., 0, :, :], out[..., 1, :, :]
 
     def apply(self, z, e):
-        """U(z_t) e_t at every step: apply_controller(e, *self.factors(z)) without forming a (B, T, 2 D r) tensor.
-
-        A and Bm are linear in the decoder's hidden layer h (A[d,i] = sum_j Wa[d,i,j] h_j + ba[d,i]), so Bm^T e
-        and A (Bm^T e) become ordinary matmuls: the same numbers (a test checks), several times faster."""
-        D, r = self.D, self.r
+        """U(z_t) e_t = A(z_t) (B(z_t)^T e_t) at every step: z (B, T, Z), e (B, T, D) -> (B, T, D). A and B are
+        linear in the decoder's hidden layer h (A = W_A h + b_A, B = W_B h + b_B; W_A, W_B: (D, r, H)), so both
+        products are contractions with W_A, W_B and no (B, T, D, r) factor is formed: the numbers of factors(z)
+        (a test checks), several times faster."""
         h = self.decoder[1](self.decoder[0](z))                                          # (B, T, H)
-        W, b = self.decoder[2].weight, self.decoder[2].bias                              # (2 D r, H), (2 D r,)
-        Wa, Wb = W.view(2, D * r, -1).unbind(0)                                          # (D r, H) each
-        ba, bb = b.view(2, D, r).unbind(0)                                               # (D, r) each
-        P = (e @ Wb.view(D, -1)).unflatten(-1, (r, h.shape[-1]))                         # (B, T, r, H)
-        coef = (P * h[..., None, :]).sum(-1) + e @ bb                                    # Bm(z)^T e    (B, T, r)
-        outer = (coef[..., :, None] * h[..., None, :]).flatten(-2)                       # (B, T, r H)
-        return outer @ Wa.view(D, -1).T + coef @ ba.T                                    # A(z) Bm(z)^T e  (B, T, D)
+        W = self.decoder[2].weight.view(2, self.D, self.r, -1)                           # W_A, W_B (D, r, H)
+        b = self.decoder[2].bias.view(2, self.D, self.r)                                 # b_A, b_B (D, r)
+        Bte = torch.einsum("btd,drh,bth->btr", e, W[1], h) + e @ b[1]                    # B(z)^T e    (B, T, r)
+        return torch.einsum("btr,bth,drh->btd", Bte, h, W[0]) + Bte @ b[0].T             # Eq. 18: A(z) B(z)^T e
 
-    def switch_input(self, e, h_prev):
-        """The switching unit's first layer on (e_t, h_{t-1}) alone, for any leading shape. The layer is linear,
-        so forward() computes this part for every step at once and only the z_{t-1} part waits for the loop."""
-        first = self.switch[0]
-        return F.linear(torch.cat([e, h_prev], -1), first.weight[:, :-self.Z], first.bias)
-
-    def switch_prob(self, pre, z_prev, noisy: bool = False):
-        """beta_t = f_switch(e_t, h_{t-1}, z_{t-1}) (Eq. 16): causal, no access to s. (B, E), (B, Z) -> (B,)
-
-        ``pre`` = switch_input(e_t, h_{t-1}).
+    def switch_prob(self, e, h_prev, z_prev, noisy: bool = False):
+        """beta_t = f_switch(e_t, h_{t-1}, z_{t-1}) (Eq. 16): causal, no access to s. (B, D), (B, H), (B, Z) -> (B,)
         ``noisy`` (training with --mc-gumbel > 0): a Gumbel-sigmoid sample, sigmoid((logit + logistic noise) / tau),
         which makes in-between values of beta noisy and so pushes the gate towards 0 or 1."""
-        W_z = self.switch[0].weight[:, -self.Z:]                                         # (E, Z)
-        logit = self.switch[2](torch.relu(pre + z_prev @ W_z.T))[..., 0]                 # (B,)
+        logit = self.switch(torch.cat([e, h_prev, z_prev], -1))[..., 0]                  # (B,) Eq. 16
         if noisy and self.gumbel > 0:
             u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
             logit = (logit + torch.log(u) - torch.log1p(-u)) / self.gumbel
         return torch.sigmoid(logit)                                                      # ALGO LOGIC: switching gate
 
     def sequence_embedding(self, e, lengths):
-        """s = f_emb(e_{1:T}) (B, S): the non-causal part (every step of the episode, future included)."""
+        """s = f_emb(e_{1:T}) (B, H) (Eq. 13): the non-causal part (every step of the episode, the future included)."""
         packed = nn.utils.rnn.pack_padded_sequence(e, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.embedder(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=e.shape[1])  # (B, T, 2H)
         mask = step_mask(lengths, e.shape[1])[..., None]                                  # (B, T, 1)
-        return self.emb_out((out * mask).sum(1) / lengths[:, None].float())             # (B, S)
+        return self.emb_out((out * mask).sum(1) / lengths[:, None].float())             # (B, H)
 
     def forward(self, e, lengths, forced: bool = False, sample: bool = True):
-        """e (B, T, D) -> z (B, T, Z), kl (B, T), beta (B, T); U_t = f_hyp(z_t). ``forced``: beta = 1 (ablation)."""
+        """e (B, T, D) -> z (B, T, Z), kl (B, T), beta (B, T). ``forced``: beta = 1 at every step (the ablation)."""
         B, T, _ = e.shape
-        s = self.sequence_embedding(e, lengths)                                          # (B, S)
-        h, _ = self.history(e)                                                           # (B, T, H) h_1..h_T
+        s = self.sequence_embedding(e, lengths)                                          # (B, H)
+        h, _ = self.history(e)                                                           # (B, T, H) Eq. 12
         h_prev = torch.cat([h.new_zeros(B, 1, h.shape[-1]), h[:, :-1]], 1)              # (B, T, H) h_{t-1}, h_0 = 0
         stats = self.encoder(torch.cat([e, h_prev, s[:, None].expand(B, T, s.shape[-1])], -1))
-        mu, logvar = stats.chunk(2, -1)                                                  # (B, T, Z) each, Eq. 14
+        mu, logvar = stats.chunk(2, -1)                                                  # (B, T, Z) Eq. 14
         logvar = logvar.clamp(-10, 5)
         z_tilde = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu  # Eq. 15, reparameterised
         kl = gaussian_kl(mu, logvar)                                                     # (B, T) charged at every step
         if forced:                          # ALGO LOGIC: Eq. 2 with beta = 1 (the ablation): z_t = z~_t
             return z_tilde, kl, e.new_ones(B, T)
-        pre = self.switch_input(e, h_prev)                                               # (B, T, E)
         z, zs, betas = e.new_zeros(B, mu.shape[-1]), [], []
         # the only sequential part: beta_t reads z_{t-1}. (unbind() slices once; indexing [:, t] inside the
-        # loop would make autograd build a full-size zero tensor per step, O(T^2).)
-        pre_t, zt_t = pre.unbind(1), z_tilde.unbind(1)
-        for t in range(T):
-            if t == 0:
-                beta = e.new_ones(B)                                                     # (B,)
-            else:
-                beta = self.switch_prob(pre_t[t], z, noisy=sample)                     # (B,)
-            z = beta[:, None] * zt_t[t] + (1 - beta[:, None]) * z                      # ALGO LOGIC: Eq. 2 (B, Z)
+        # loop would make autograd build a full-size zero tensor per step.)
+        for t, (e_t, h_t, zt_t) in enumerate(zip(e.unbind(1), h_prev.unbind(1), z_tilde.unbind(1))):
+            beta = e.new_ones(B) if t == 0 else self.switch_prob(e_t, h_t, z, noisy=sample)   # (B,)
+            z = beta[:, None] * zt_t + (1 - beta[:, None]) * z                         # ALGO LOGIC: Eq. 2 (B, Z)
             zs.append(z)
             betas.append(beta)
         return torch.stack(zs, 1), kl, torch.stack(betas, 1)                            # (B, T, Z), (B, T), (B, T)
 
 
-@torch.no_grad()
-def with_residuals(model: GPT, episodes: list, layer: int, device) -> list:
-    """The episodes with e_{t,layer} of the frozen model attached (key "e", (T, D) each). A controller at
-    ``layer`` never changes e_{t,layer} itself, and the base model never trains, so the metacontroller's
-    input can be computed once per episode instead of once per batch (~11% of a training step)."""
-    order = sorted(range(len(episodes)), key=lambda i: len(episodes[i]["actions"]))
-    out = [None] * len(episodes)
-    for k in range(0, len(order), 256):
-        idx = order[k:k + 256]
-        e = model.lower(collate([episodes[i] for i in idx], device)["obs"], layer)     # (B, T, D)
-        for j, i in enumerate(idx):
-            out[i] = {**episodes[i], "e": e[j, :len(episodes[i]["actions"])]}
-    return out
-
-
 def mc_loss(model: GPT, mc: MetaController, b: dict, layer: int, alpha: float, forced: bool = False):
-    """Eq. 3 with lambda = 0 on a D* batch: action NLL through the frozen model + alpha * mean per-step KL.
-    The batch's e_{t,layer} comes with it (with_residuals) or is computed here."""
-    if "e" in b:
-        e = b["e"]                                                                       # (B, T, D)
-    else:
-        with torch.no_grad():
-            e = model.lower(b["obs"], layer)                 # (B, T, D) the controller never changes e_{t,l}
+    """Eq. 3 with lambda = 0 on a D* batch: action NLL through the frozen model + alpha * the mean per-step KL."""
+    with torch.no_grad():
+        e = model.lower(b["obs"], layer)                 # (B, T, D) frozen; a controller never changes e_{t,l}
     lengths = b["mask"].sum(1)                                                           # (B,)
     z, kl, beta = mc(e, lengths, forced)
     act_out = model.upper(e + mc.apply(z, e), layer, b["obs"])                           # ALGO LOGIC: Eq. 11, (B, T, 4)
@@ -1680,48 +1402,28 @@ def mc_loss(model: GPT, mc: MetaController, b: dict, layer: int, alpha: float, f
 
 
 def boundary_f1(beta, subgoals, lengths, tol: int = 1) -> dict:
-    """Switches (beta >= 0.5) against ground-truth subgoal changes, per episode, matched within +-tol steps.
-
-    beta, subgoals: (B, T) tensors or per-episode lists; lengths (B,). The first step never counts (every
-    episode starts with a code). A predicted switch matches at most one true boundary and vice versa
-    (greedy, in time order). Returns precision, recall, F1, switch rate, and the recall of an episode's
-    k-th boundary for each k (``recall_by_boundary``: does it find every boundary, or only some?)."""
+    """Switches (beta >= 0.5) against true subgoal changes, per episode, matched within +-tol steps; beta and
+    subgoals (B, T) tensors or lists, lengths (B,). Step 1 never counts (every episode starts with a code); a
+    switch matches at most one boundary and vice versa. Returns precision, recall, F1 and the switch rate."""
     tp = n_pred = n_true = n_steps = 0
-    hits, counts = [], []                                   # per boundary index k: matched, present
     for bt, g, n in zip(*(x.tolist() if torch.is_tensor(x) else x for x in (beta, subgoals, lengths))):
         pred = [t for t in range(1, n) if bt[t] >= 0.5]
         true = [t for t in range(1, n) if g[t] != g[t - 1]]
         used = set()
-        for k, t in enumerate(true):
+        for t in true:
             best = min((p for p in pred if abs(p - t) <= tol and p not in used), key=lambda p: abs(p - t), default=None)
-            if k == len(counts):
-                hits.append(0)
-                counts.append(0)
-            counts[k] += 1
             if best is not None:
                 used.add(best)
-                tp += 1
-                hits[k] += 1
-        n_pred, n_true, n_steps = n_pred + len(pred), n_true + len(true), n_steps + max(n - 1, 0)
+        tp, n_pred, n_true, n_steps = tp + len(used), n_pred + len(pred), n_true + len(true), n_steps + max(n - 1, 0)
     prec, rec = tp / max(n_pred, 1), tp / max(n_true, 1)
     return {"precision": prec, "recall": rec, "f1": 2 * prec * rec / max(prec + rec, 1e-9),
-            "switch_rate": n_pred / max(n_steps, 1), "recall_by_boundary": [h / c for h, c in zip(hits, counts)]}
-
-
-def first_colour_segments(next_colour: list) -> list:
-    """Grid diagnostic: a label per step that changes exactly where the agent reaches the *first* colour of a
-    pair (next colour 2k -> 2k+1), the event half a subgoal before the labelled boundary. boundary_f1 against
-    it says whether a metacontroller found that event instead of the subgoals (README)."""
-    seg = [0]
-    for prev, nxt in zip(next_colour, next_colour[1:]):
-        seg.append(seg[-1] + int(prev % 2 == 0 and nxt == prev + 1))
-    return seg
+            "switch_rate": n_pred / max(n_steps, 1)}
 
 
 @torch.no_grad()
 def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int, device) -> dict:
-    """Held-out switch statistics (posterior means, no sampling), plus NLL, KL and a beta histogram."""
-    betas, subgoals, firsts, nll, kl, n = [], [], [], 0.0, 0.0, 0      # per episode, real steps only
+    """Held-out switch statistics with posterior means (no sampling), plus NLL, KL and a histogram of beta."""
+    betas, subgoals, nll, kl, n = [], [], 0.0, 0.0, 0                   # per episode, real steps only
     for b in batches_of(episodes, 256, device):
         e = model.lower(b["obs"], layer)
         m = b["mask"]
@@ -1730,15 +1432,10 @@ def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int,
         nll -= model.action_logp(model.upper(e + mc.apply(z, e), layer, b["obs"]), b["actions"])[m].sum().item()
         kl += k[m].sum().item()
         n += int(m.sum())
-        nxt = b["next_colour"].tolist() if "next_colour" in b else None                 # the grid only
-        for i, (bt, g, T) in enumerate(zip(beta.tolist(), b["subgoals"].tolist(), lengths.tolist())):
+        for bt, g, T in zip(beta.tolist(), b["subgoals"].tolist(), lengths.tolist()):
             betas.append(bt[:T])
             subgoals.append(g[:T])
-            if nxt is not None:
-                firsts.append(first_colour_segments(nxt[i][:T]))
     out = boundary_f1(betas, subgoals, [len(bt) for bt in betas])
-    if firsts:                                              # the grid: the same switches against first-colour visits
-        out["f1_first_colour"] = boundary_f1(betas, firsts, [len(bt) for bt in betas])["f1"]
     later = torch.tensor([x for bt in betas for x in bt[1:]])               # beta_2..beta_T (beta_1 = 1 always)
     out.update(nll=nll / n, kl=kl / n, beta_hist=torch.histc(later, bins=10, min=0, max=1).int().tolist(),
                examples=[{"beta": [round(x, 3) for x in betas[i]], "subgoals": subgoals[i]}
@@ -1747,7 +1444,7 @@ def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int,
 
 
 def collapse_verdict(rate: float, kl: float) -> str:
-    """Switching in plain words (PAPER.md 12, pitfall 10), from the held-out switch rate and KL per step."""
+    """Switching in plain words, from the held-out switch rate and KL per step: the ways it fails, or not."""
     if kl < 0.005:
         return "COLLAPSED: it sends nothing (KL ~ 0: a collapsed posterior), so its codes carry no information"
     if rate < 0.01:
@@ -1755,128 +1452,95 @@ def collapse_verdict(rate: float, kl: float) -> str:
     return "COLLAPSED: it switches at (almost) every step" if rate > 0.9 else "sparse switching"
 
 
-def train_metacontroller(args: Args, model: GPT, data: dict, device, log: Logger, forced: bool, tag: str,
-                         seed: int, until: int = 0, run: dict = None) -> dict:
-    """Minimise Eq. 3 on D* with the base model frozen; only the metacontroller's parameters train.
-
-    Trains up to step ``until`` (default: --mc-steps) and returns the run, a dict with the metacontroller
-    ``mc``, its optimiser, batch stream and ``step``; pass it back as ``run`` to continue where it stopped
-    (the metacontroller stage screens several seeds that way, section 10's --mc-screen)."""
+def train_metacontroller(args: Args, model: GPT, episodes: list, device, log: Logger, seed: int, steps: int,
+                         forced: bool = False) -> MetaController:
+    """Minimise Eq. 3 on the D* ``episodes`` for ``steps`` steps from seed ``seed``, the base model frozen."""
     model.requires_grad_(False).eval()       # the base model is frozen: gradients reach only the metacontroller
-    if run is None:
-        torch.manual_seed(seed + (7 if forced else 0))
-        mc = MetaController(args).to(device)
-        opt = torch.optim.AdamW(mc.parameters(), lr=args.mc_lr, weight_decay=args.weight_decay)
-        rng = np.random.default_rng(seed + (300 if forced else 200))
-        episodes = data["dstar_train"]
-        if "e" not in episodes[0]:                  # (the metacontroller stage attaches them once for all seeds)
-            episodes = with_residuals(model, episodes, args.n_layer // 2, device)
-        stream = bucketed_batches(rng, sample_from(rng, episodes), args.mc_batch, args.bucket_batches, device)
-        run = {"mc": mc, "opt": opt, "stream": stream, "step": 0, "seed": seed}
-    mc, opt, mid, t0, start = run["mc"], run["opt"], args.n_layer // 2, time.time(), run["step"]
-    until = until or args.mc_steps
-    for step in range(start + 1, until + 1):
-        b = next(run["stream"])
+    torch.manual_seed(seed + (7 if forced else 0))
+    mc = MetaController(args).to(device)
+    opt = torch.optim.AdamW(mc.parameters(), lr=args.mc_lr, weight_decay=args.weight_decay)
+    rng = np.random.default_rng(seed + (300 if forced else 200))
+    stream = bucketed_batches(rng, sample_from(rng, episodes), args.mc_batch, args.bucket_batches, device)
+    tag, t0 = "10 metacontroller" + ("-forced" if forced else ""), time.time()
+    for step in range(1, steps + 1):
+        b = next(stream)
         # KL warm-up: with the full alpha from step 1 the encoder learns to send nothing (KL -> 0, a collapsed
-        # posterior) before the decoder has learned to use anything; ramping alpha avoids that.
-        alpha = args.alpha * min(1.0, step / max(1.0, args.mc_kl_warmup * args.mc_steps))
-        loss, nll, kl, beta, mask = mc_loss(model, mc, b, mid, alpha, forced)
+        # posterior) before the decoder has learned to use anything; ramping alpha up avoids that.
+        alpha = args.alpha * min(1.0, step / max(1, args.mc_kl_warmup))
+        loss, nll, kl, beta, mask = mc_loss(model, mc, b, args.n_layer // 2, alpha, forced)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(mc.parameters(), args.grad_clip)
-        check_finite(f"10 {tag}", step, "mc-lr", args, loss=loss.item(), gradient_norm=gnorm.item())
+        check_finite(tag, step, "mc-lr", args, loss=loss.item(), gradient_norm=gnorm.item())
         opt.step()
-        if step % args.log_every == 0 or step == until:
+        if step % args.log_every == 0 or step == steps:
             rate = float(((beta >= 0.5).float() * mask)[:, 1:].sum() / mask[:, 1:].sum())
-            log(f"10 {tag}", f"seed {seed} step {step}/{args.mc_steps} | nll {nll.item():.3f} | kl {kl.item():.3f} | "
-                f"switch rate {rate:.3f} | {eta(t0, step - start, until - start)}", seed=seed, step=step, nll=nll.item(),
-                kl=kl.item(), switch_rate=rate)
-    run["step"] = until
-    return run
+            log(tag, f"seed {seed} step {step}/{steps} | nll {nll.item():.3f} | kl {kl.item():.3f} | switch rate "
+                f"{rate:.3f} | {eta(t0, step, steps)}", seed=seed, step=step, nll=nll.item(), kl=kl.item(),
+                switch_rate=rate)
+    return mc
 
 
-def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger):
+def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
     """Train the metacontroller and its forced-switching ablation; measure switch alignment on held-out D*.
-
-    With --mc-seeds N, N metacontrollers train from different seeds and the one with the lowest Eq. 3 on
-    held-out D*[n_probe/2:n_probe] is kept: a choice without labels, on episodes that the switch alignment
-    (D*[:n_probe/2]) does not score. Seeds matter: with the same settings some send nothing, some the whole
-    task in the first code, and some switch at every subgoal boundary, which also gives the lowest Eq. 3,
-    already at 1,000 steps (README). So the grid preset screens six seeds for mc_screen = 1/3 of
-    mc_steps = 3,000 and trains the kept one on. The forced ablation trains once.
-    Returns the checkpoint: the ``metrics`` and the weights of both metacontrollers, ``mc`` and ``mc_forced``."""
-    mcs, t0, mid = {}, time.time(), args.n_layer // 2
-    data = {**data, "dstar_train": with_residuals(model, data["dstar_train"], mid, device)}   # once, for every seed
-    # Screening: every seed trains to step `screen` (all of --mc-steps unless --mc-screen < 1); the one with
-    # the lowest held-out Eq. 3 there is kept and, if it stopped early, continues to --mc-steps.
-    screen = max(1, round(args.mc_screen * args.mc_steps)) if args.mc_seeds > 1 else args.mc_steps
-    candidates = []                              # (held-out Eq. 3, seed, run, its held-out stats)
-    for i in range(args.mc_seeds):
-        seed = args.seed + 1000 * i
-        run = train_metacontroller(args, model, data, device, log, forced=False, tag="metacontroller", seed=seed,
-                                   until=screen)
-        if args.mc_seeds > 1:                                # ALGO LOGIC: keep the lowest held-out Eq. 3
-            sel = switch_alignment(model, run["mc"], data["dstar_heldout"][args.n_probe // 2:args.n_probe], mid, device)
-            candidates.append((sel["nll"] + args.alpha * sel["kl"], seed, run, sel))
-            log("10 metacontroller", f"seed {seed} ({i + 1} of {args.mc_seeds}) at step {screen}: held-out Eq. 3 "
-                f"{candidates[-1][0]:.4f} (nll {sel['nll']:.3f} + alpha * kl {sel['kl']:.3f}) | switch rate "
-                f"{sel['switch_rate']:.3f} | F1 {sel['f1']:.3f} (labels: logged, not used to choose) | "
-                f"{eta(t0, i + 1, args.mc_seeds)}", seed=seed, eq3=candidates[-1][0], f1=sel["f1"],
-                switch_rate=sel["switch_rate"])
-        else:
-            candidates.append((0.0, seed, run, {}))
-    eq3, chosen, run, _ = min(candidates, key=lambda c: c[0])
-    if args.mc_seeds > 1:
-        log("10 metacontroller", f"kept seed {chosen} (lowest held-out Eq. 3, {eq3:.4f})" +
-            (f"; training it on to step {args.mc_steps}" if screen < args.mc_steps else ""))
-    mcs["mc"] = train_metacontroller(args, model, data, device, log, forced=False, tag="metacontroller", seed=chosen,
-                                     run=run)["mc"]
-    al = switch_alignment(model, mcs["mc"], data["dstar_heldout"][:args.n_probe // 2], mid, device)
-    rate = al["switch_rate"]
-    verdict = collapse_verdict(rate, al["kl"])
-    log("10 metacontroller", f"held-out D*: nll {al['nll']:.3f} | kl {al['kl']:.3f} | switch rate {rate:.3f} ({verdict}) | "
-        f"switches vs subgoal boundaries (+-1 step): precision {al['precision']:.3f} recall {al['recall']:.3f} "
-        f"(an episode's 1st, 2nd, ... boundary: {' '.join(f'{r:.2f}' for r in al['recall_by_boundary'])}) "
-        f"F1 {al['f1']:.3f}" + (f" (against first-colour visits, half a subgoal early: F1 {al['f1_first_colour']:.3f})"
-        if "f1_first_colour" in al else "") + f" | beta histogram (0..1, 10 bins) {al['beta_hist']}", **al)
-    mcs["mc_forced"] = train_metacontroller(args, model, data, device, log, forced=True, tag="metacontroller-forced",
-                                            seed=args.seed)["mc"]
-    forced_nll = switch_alignment(model, mcs["mc_forced"], data["dstar_heldout"][:args.n_probe // 2], mid, device)["nll"]
+    Seeds matter: some send nothing, some the whole task in the first code, some switch at every subgoal
+    boundary, which also gives the lowest Eq. 3. So N = --mc-seeds seeds train --mc-screen steps, the one with the
+    lowest Eq. 3 on held-out D*[n_probe/2:n_probe] is kept (no labels; the alignment scores D*[:n_probe/2]) and
+    trained again to --mc-steps (the paper trains 3 and reports their median). Returns the checkpoint: the
+    ``metrics`` and both metacontrollers' weights, ``mc`` and ``mc_forced``."""
+    t0, mid, held = time.time(), args.n_layer // 2, data["dstar_heldout"]
+    train = lambda seed, steps, forced=False: train_metacontroller(args, model, data["dstar_train"], device, log,
+                                                                   seed, steps, forced)
+    screen, candidates, mcs = args.mc_screen or args.mc_steps, [], []
+    for i in range(args.mc_seeds if args.mc_seeds > 1 else 0):
+        mcs.append(train(args.seed + 1000 * i, screen))
+        sel = switch_alignment(model, mcs[-1], held[args.n_probe // 2:args.n_probe], mid, device)
+        eq3 = sel["nll"] + args.alpha * sel["kl"]                        # ALGO LOGIC: held-out Eq. 3, no labels
+        candidates.append({"seed": args.seed + 1000 * i, "eq3": eq3, "f1": sel["f1"], "switch_rate": sel["switch_rate"]})
+        log("10 metacontroller", f"seed {args.seed + 1000 * i} ({i + 1} of {args.mc_seeds}) at step {screen}: held-out "
+            f"Eq. 3 {eq3:.4f} | switch rate {sel['switch_rate']:.3f} | F1 {sel['f1']:.3f} (labels: logged, not used "
+            f"to choose) | {eta(t0, i + 1, args.mc_seeds)}", **candidates[-1])
+    k = min(range(len(candidates)), key=lambda j: candidates[j]["eq3"]) if candidates else None
+    chosen = args.seed if k is None else candidates[k]["seed"]
+    if candidates:
+        log("10 metacontroller", f"kept seed {chosen} (lowest held-out Eq. 3)" +
+            (f"; training it again, to step {args.mc_steps}" if screen < args.mc_steps else ""))
+    mc = mcs[k] if candidates and screen == args.mc_steps else train(chosen, args.mc_steps)
+    al = switch_alignment(model, mc, held[:args.n_probe // 2], mid, device)
+    verdict = collapse_verdict(al["switch_rate"], al["kl"])
+    log("10 metacontroller", f"held-out D*: nll {al['nll']:.3f} | kl {al['kl']:.3f} | switch rate "
+        f"{al['switch_rate']:.3f} ({verdict}) | switches vs subgoal boundaries (+-1 step): precision "
+        f"{al['precision']:.3f} recall {al['recall']:.3f} F1 {al['f1']:.3f} | beta histogram (0..1, 10 bins) "
+        f"{al['beta_hist']}", **al)
+    mc_forced = train(args.seed, args.mc_steps, forced=True)
+    forced_nll = switch_alignment(model, mc_forced, held[:args.n_probe // 2], mid, device)["nll"]
     log("10 metacontroller-forced", f"held-out D* nll {forced_nll:.3f} (beta = 1 at every step)")
     metrics = {"switch_f1": al["f1"], "switch_precision": al["precision"], "switch_recall": al["recall"],
-               "switch_recall_by_boundary": al["recall_by_boundary"], "switch_rate": rate,
-               "switch_f1_first_colour": al.get("f1_first_colour"),                                 # None on the ant
-               "switch_collapse": verdict, "mc_nll": al["nll"], "mc_kl": al["kl"],
+               "switch_rate": al["switch_rate"], "switch_collapse": verdict, "mc_nll": al["nll"], "mc_kl": al["kl"],
                "beta_hist": al["beta_hist"], "beta_examples": al["examples"], "mc_forced_nll": forced_nll,
-               "mc_seed": chosen, "mc_screen_steps": screen,
-               "mc_candidates": [{"seed": s, "eq3": e, "f1": c["f1"], "switch_rate": c["switch_rate"]}
-                                 for e, s, _, c in candidates if c], "train_time_s": time.time() - t0}
-    return {"metrics": metrics, **{k: m.state_dict() for k, m in mcs.items()}}
+               "mc_seed": chosen, "mc_candidates": candidates, "train_time_s": time.time() - t0}
+    return {"metrics": metrics, "mc": mc.state_dict(), "mc_forced": mc_forced.state_dict()}
 
 
 # ---------------------------------------------------------------------------------------------------
-# 11. Internal RL: RL in the metacontroller's code space                 [P Sec. 8.1-8.2, Alg. 1-3, App. D.3]
-# Internal RL is section 9's loop with a different agent. The non-causal encoder (it saw the future) is
-# dropped; a causal policy pi(z | e at the decisions so far) takes its place. Everything else is frozen and
-# becomes part of the environment (Alg. 1-2): the base model, the history GRU, the switching unit and
-# the decoder. At each env step t:
-#
+# 11. Internal RL: RL in the metacontroller's code space                 [Sec. 8.1-8.2, Alg. 1-3, App. D.3]
+# Internal RL is section 9's loop with a different agent. The non-causal encoder (it saw the future) is dropped;
+# a causal policy pi(z | e at the decisions so far) takes its place. Everything else is frozen and becomes part
+# of the environment (Alg. 1-2): the base model, the history GRU, the switching unit and the decoder. At step t:
 #   e_t = lower_blocks(o_{1:t})                      the frozen model sees the whole history (KV cache)
 #   switch if t = 1 or beta_t = f_switch(e_t, h_{t-1}, z_{t-1}) >= 0.5        (binarised, Alg. 2)
 #   on a switch: z ~ pi(. | e at this and the earlier switches)              <- the RL action
 #   otherwise:   z unchanged, so U = f_hyp(z) unchanged (a temporally-abstract action)
 #   a_t ~ upper_blocks(e_t + U e_t); env.step(a_t)
-#
-# So the RL "episode" is the handful of switch points (about 6 on the post-training task if the switches
-# sit at subgoal boundaries), not ~60 primitive steps, and each action is an 8-dim code instead of a move:
-# the credit-assignment problem shrinks accordingly (App. E.2). The policy starts as the prior N(0, I),
-# which is what the decoder was trained to understand. The forced-switching ablation runs the same code
-# with the beta = 1 metacontroller: a new z at every step.
+# So the RL "episode" is the handful of switch points (about 6 on the post-training task if the switches sit at
+# subgoal boundaries), not ~60 primitive steps: the credit-assignment problem shrinks accordingly (App. E.2).
+# The policy starts as the prior N(0, I), the codes the decoder was trained on. The forced-switching ablation
+# runs the same code with the beta = 1 metacontroller: a new z at every step.
 #
 #   Symbol    | Shape        | Meaning
-#   e_dec     | (B, K, D)    | residual e_{t,L/2} at the K decision points of each episode
-#   z_dec     | (B, K, Z)    | the codes chosen there
-#   mask      | (B, K)       | 1 for real decisions (episodes have different numbers of switches)
+#   e_dec     | (B, N, D)    | residual e_{t,L/2} at the N decision points of each episode
+#   z_dec     | (B, N, Z)    | the codes chosen there
+#   mask      | (B, N)       | 1 for real decisions (episodes have different numbers of switches)
 
 class ZPolicy(nn.Module):
     """pi(z_k | e_{t_1..t_k}): a GRU over the residuals at decision points, a Gaussian over z (init: N(0, I))."""
@@ -1890,16 +1554,14 @@ class ZPolicy(nn.Module):
         self.log_std = nn.Parameter(torch.zeros(args.n_z))
 
     def log_prob(self, e_dec, z_dec):
-        """log pi(z_k | e_{t_1..t_k}) for whole decision sequences: (B, K, D), (B, K, Z) -> (B, K)."""
-        out, _ = self.gru(e_dec)                                                          # (B, K, H)
+        """log pi(z_k | e_{t_1..t_k}) for whole decision sequences: (B, N, D), (B, N, Z) -> (B, N)."""
+        out, _ = self.gru(e_dec)                                                          # (B, N, irl_hidden)
         return torch.distributions.Normal(self.mu(out), self.log_std.exp()).log_prob(z_dec).sum(-1)
 
 
 class InternalAgent:
-    """The frozen metacontroller parts plus the z-policy, as a stateful controller for rollout() (Alg. 1-2).
-
-    rollout() calls ``agent(x, g)`` once per env step with x = e_{t,L/2} (n, 1, D) and adds the returned
-    U_t x to the residual stream; ``g`` (the true subgoal) is ignored: internal RL never sees labels."""
+    """The frozen metacontroller parts and the z-policy as a stateful controller for rollout() (Alg. 1-2): called
+    once per env step with x = e_{t,L/2} (n, 1, D), it returns U_t x; ``g``, the true subgoal, is never read."""
 
     def __init__(self, mc: MetaController, policy: ZPolicy, n: int, seed: int, forced: bool):
         self.mc, self.pi, self.forced, self.t = mc, policy, forced, 0
@@ -1916,9 +1578,9 @@ class InternalAgent:
         if self.t == 0 or self.forced:
             decide = torch.ones(e.shape[0], dtype=torch.bool, device=e.device)
         else:
-            beta = self.mc.switch_prob(self.mc.switch_input(e, self.h), self.z)         # (n,) Eq. 16
+            beta = self.mc.switch_prob(e, self.h, self.z)                                # (n,) f_switch
             decide = beta >= 0.5                                                         # ALGO LOGIC: Heaviside(beta - 0.5)
-        out, h_pi = self.pi.gru(e[:, None], self.h_pi)                                  # (n, 1, H)
+        out, h_pi = self.pi.gru(e[:, None], self.h_pi)                                  # (n, 1, irl_hidden)
         mu = self.pi.mu(out[:, 0])
         z_new = mu + self.pi.log_std.exp() * torch.randn(mu.shape, generator=self.gen, device=e.device)  # ALGO LOGIC: z ~ pi
         self.z = torch.where(decide[:, None], z_new, self.z)                          # new code only on a switch
@@ -1931,17 +1593,12 @@ class InternalAgent:
         return self.mc.apply(self.z[:, None], x)                                        # U_t e_t (n, 1, D)
 
     def decisions(self, lengths):
-        """Compact each episode's decision points into (n, K) sequences: e_dec, z_dec, mask."""
-        T = len(self.decide)
-        dec = torch.stack(self.decide, 1) & (step_mask(lengths, T) > 0)                   # (n, T) only real steps
+        """Compact each episode's decision points into (n, N) sequences: e_dec, z_dec, mask."""
+        dec = torch.stack(self.decide, 1) & (step_mask(lengths, len(self.decide)) > 0)  # (n, T) real steps only
         e, z = torch.stack(self.e, 1), torch.stack(self.zs, 1)                           # (n, T, D), (n, T, Z)
-        K = int(dec.sum(1).max())
-        e_dec, z_dec = e.new_zeros(e.shape[0], K, e.shape[2]), z.new_zeros(z.shape[0], K, z.shape[2])
-        mask = torch.zeros(e.shape[0], K, device=e.device)
-        for i in range(e.shape[0]):
-            idx = dec[i].nonzero()[:, 0]
-            e_dec[i, :len(idx)], z_dec[i, :len(idx)], mask[i, :len(idx)] = e[i, idx], z[i, idx], 1.0
-        return e_dec, z_dec, mask
+        pad = lambda xs: nn.utils.rnn.pad_sequence(xs, batch_first=True)                  # ragged -> (n, N, ...)
+        return (pad([e[i, dec[i]] for i in range(len(e))]), pad([z[i, dec[i]] for i in range(len(z))]),
+                pad([torch.ones(int(d.sum()), device=e.device) for d in dec]))
 
 
 def internal_rl(args: Args, model: GPT, mc: MetaController, data: dict, device, log: Logger, forced: bool) -> dict:
@@ -1972,113 +1629,91 @@ def internal_rl(args: Args, model: GPT, mc: MetaController, data: dict, device, 
 
 # ---------------------------------------------------------------------------------------------------
 # 12. Figures
-def make_figures(args: Args, results: dict) -> list:
-    """PNG figures in the run folder: the env, pretraining diagnostics, probe accuracy by layer (Fig. A1),
-    controller success by layer (Fig. 4), switching-gate traces (Fig. 6/A3) and RL curves (Fig. 8/A5)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    paths = []
+FIGURES = ("env.png", "probe_accuracy.png", "controller_success.png", "beta_traces.png", "rl_curves.png")
 
-    def save(fig, name):
-        fig.tight_layout()
+
+def make_figures(args: Args, results: dict) -> list:
+    """The run's PNGs: the env (Fig. 2), probe accuracy by layer (Fig. 3/A1), controller success by layer
+    (Fig. 4), switching-gate traces (Fig. 6/A3) and RL curves (Fig. 8). A stage without results loses its figure."""
+    import matplotlib
+    matplotlib.use("Agg")                                           # files only, no screen
+    import matplotlib.pyplot as plt
+    paths, r = [], results
+
+    def figure(name, title, size=(4.5, 3.2), rows=1, **kw):          # a figure saved by save(name)
+        fig, ax = plt.subplots(rows, 1, figsize=size, squeeze=False, sharex=True)
+        ax[0, 0].set_title(title, fontsize=8)
+        ax[-1, 0].set(**kw)
         paths.append(os.path.join(args.out, name))
-        fig.savefig(paths[-1], dpi=120)
+        return fig, ax[:, 0]
+
+    def save(fig, legend=None):
+        if legend is not None:
+            legend.legend(frameon=False, fontsize=7)
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
 
     E = env_module(args.task)
-    try:                # the env (Fig. 2 style): one pretraining-task layout, rendered by the env's rgb_array mode
+    try:                                                            # one pretraining-task layout, as rgb_array
         env = (E.GridPinpadEnv if args.task == "grid" else E.AntPinpadEnv)(render_mode="rgb_array")
         env.reset(seed=args.seed, options={"task": E.PRETRAIN_TASKS[0]})
         img = env.render()
+        fig, ax = figure("env.png", "gridworld-pinpad (black: agent, grey: walls)" if args.task == "grid" else
+                         "ant-pinpad (colours 0-3: red, orange, green, blue)", (3.2, 3.4), xticks=[], yticks=[])
+        ax[0].imshow(img)
+        save(fig)
     except Exception as e:  # noqa: BLE001 -- MuJoCo needs an OpenGL backend; the other figures do not
         if args.task == "grid":
             raise
-        img = None
         print(f"[12 figures] no env.png: MuJoCo cannot render here ({type(e).__name__}); try MUJOCO_GL=egl")
-    if img is not None:
-        fig, ax = plt.subplots(figsize=(3.2, 3.4))
-        ax.imshow(img)
-        ax.set(xticks=[], yticks=[], title="gridworld-pinpad (black: agent, grey: walls)" if args.task == "grid" else
-               "ant-pinpad (colours 0-3: red, orange, green, blue; dark: wall)")
-        ax.title.set_fontsize(8)
-        save(fig, "env.png")
-    curve = results.get("pretrain", {}).get("curve", [])
-    if curve:                                    # the pretraining diagnostics against training minutes
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        mins = [c["minutes"] for c in curve]
-        lines = ([("mse", "mean-action squared error")] if args.task == "ant" else
-                 [("opt_acc_pair", "optimal-action acc, pair-determined"), ("opt_acc_ambiguous", "optimal-action acc, ambiguous")])
-        for key, label in lines:
-            ax.plot(mins, [c[key] for c in curve], "o-", label=label)
-        ax.plot(mins, [c["probe_mid"] - c["probe_l0"] for c in curve], "s-", label="probe gap, layer L/2 - layer 0")
-        ax.set(xlabel="pretraining minutes", title="Pretraining diagnostics (held-out)")
-        if args.task == "grid":
-            ax.set_ylim(0, 1)
-        ax.legend(frameon=False, fontsize=7)
-        save(fig, "pretrain_curve.png")
-    if "probe_accuracy" in results:
-        acc = results["probe_accuracy"]
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        ax.plot(range(len(acc)), acc, "o-", color="C0")
-        ax.axhline(0.25, ls=":", color="grey", label="chance")
-        ax.set(xlabel="layer l (0 = embedding)", ylabel="held-out accuracy", title="Linear probe of the current subgoal",
-               xticks=range(len(acc)), ylim=(0, 1))
-        ax.legend(frameon=False)
-        save(fig, "probe_accuracy.png")
-    if "controller_success" in results:
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        L1 = len(results["controller_success"])
+    if "probe_accuracy" in r:
+        acc = r["probe_accuracy"]
+        fig, ax = figure("probe_accuracy.png", "Linear probe of the current subgoal", xlabel="layer l (0 = embedding)",
+                         ylabel="held-out accuracy", xticks=range(len(acc)), ylim=(0, 1))
+        ax[0].plot(range(len(acc)), acc, "o-", color="C0", label="probe")
+        ax[0].axhline(0.25, ls=":", color="grey", label="chance")
+        save(fig, ax[0])
+    if "controller_success" in r:
+        L1 = len(r["controller_success"])
+        fig, ax = figure("controller_success.png", "Ground-truth subgoal controllers", xlabel="controlled layer l",
+                         ylabel="success rate", xticks=range(L1), ylim=(0, 1))
         for key, label, c in (("controller_success_pretrain", "pretraining tasks", "C0"),
                               ("controller_success", "post-training task", "C3")):
-            xs = [l for l in range(L1) if results[key][l] is not None]
-            ax.plot(xs, [results[key][l] for l in xs], "o-", color=c, label=f"controllers, {label}")
-        if "controller_success_oracle" in results:      # the diagnostic of section 8 (not the protocol)
-            ax.plot([L1 // 2], [results["controller_success_oracle"]], "*", ms=10, color="C3",
-                    label="trained with post-training episodes (diagnostic)")
-        ax.axhline(results["base_success_pretrain"], ls="--", color="C0", alpha=0.6, label="base alone, pretraining")
-        ax.axhline(results["base_success"], ls="--", color="C3", alpha=0.6, label="base alone, post-training")
-        ax.set(xlabel="controlled layer l", ylabel="success rate", title="Ground-truth subgoal controllers",
-               xticks=range(L1), ylim=(0, 1))
-        ax.legend(frameon=False, fontsize=7)
-        save(fig, "controller_success.png")
-    if "beta_examples" in results:              # Fig. 6 / A3: beta_t over time, ground-truth subgoals as bands
-        ex = results["beta_examples"]
-        fig, axes = plt.subplots(len(ex), 1, figsize=(5.5, 1.1 * len(ex) + 0.6), sharex=True, squeeze=False)
-        for ax, e in zip(axes[:, 0], ex):
+            xs = [l for l in range(L1) if r[key][l] is not None]
+            ax[0].plot(xs, [r[key][l] for l in xs], "o-", color=c, label=f"controllers, {label}")
+        if "controller_success_oracle" in r:                       # section 8's diagnostic (not the protocol)
+            ax[0].plot([L1 // 2], [r["controller_success_oracle"]], "*", ms=10, color="C3",
+                       label="trained with post-training episodes (diagnostic)")
+        ax[0].axhline(r["base_success_pretrain"], ls="--", color="C0", alpha=0.6, label="base alone, pretraining")
+        ax[0].axhline(r["base_success"], ls="--", color="C3", alpha=0.6, label="base alone, post-training")
+        save(fig, ax[0])
+    if "beta_examples" in r:                                        # beta_t over time, the true subgoals as bands
+        ex = r["beta_examples"]
+        fig, ax = figure("beta_traces.png", f"Switching gate on held-out D* (bands: true subgoal; F1 "
+                         f"{r['switch_f1']:.2f})", (5.5, 1.1 * len(ex) + 0.6), len(ex), xlabel="time step t")
+        for a, e in zip(ax, ex):
             for t, g in enumerate(e["subgoals"]):
-                ax.axvspan(t - 0.5, t + 0.5, color=f"C{g}", alpha=0.25, lw=0)
-            ax.plot(range(len(e["beta"])), e["beta"], "k.-", lw=1, ms=3)
-            ax.axhline(0.5, ls=":", color="grey", lw=0.8)
-            ax.set(ylim=(-0.05, 1.05), yticks=[0, 1], ylabel="beta")
-        axes[0, 0].set_title(f"Switching gate on held-out D* (bands: true subgoal; F1 {results['switch_f1']:.2f})", fontsize=8)
-        axes[-1, 0].set_xlabel("time step t")
-        save(fig, "beta_traces.png")
+                a.axvspan(t - 0.5, t + 0.5, color=f"C{g}", alpha=0.25, lw=0)
+            a.plot(range(len(e["beta"])), e["beta"], "k.-", lw=1, ms=3)
+            a.axhline(0.5, ls=":", color="grey", lw=0.8)
+            a.set(ylim=(-0.05, 1.05), yticks=[0, 1], ylabel="beta")
+        save(fig)
     methods = [(k, lab) for k, lab in (("internal_rl", "internal RL"), ("internal_rl_no_temporal", "internal RL, beta = 1"),
-                                       ("token_rl", "token-level RL")) if k in results]
-    if methods:                                  # Fig. 8 (linear) and Fig. A5 (log episodes)
-        for xscale, name in (("linear", "rl_curves.png"), ("log", "rl_curves_log.png")):
-            fig, ax = plt.subplots(figsize=(4.5, 3.2))
-            for k, lab in methods:
-                c = np.array(results[k]["curve"])
-                w = max(1, len(c) // 20)                     # moving average over batches, for readability
-                smooth = np.convolve(c[:, 1], np.ones(w), "same") / np.convolve(np.ones(len(c)), np.ones(w), "same")
-                ax.plot(c[:, 0], smooth, label=f"{lab} (test {results[k]['success']:.2f})")
-            ax.set(xscale=xscale, xlabel="training episodes", ylabel="success (training batches)", ylim=(-0.02, 1.02),
-                   title="Post-training task, sparse reward")
-            if xscale == "log":                  # Fig. A5: log axes, so that rare early successes show
-                ax.set_yscale("symlog", linthresh=1e-3)
-                ax.set_ylim(0, 1.02)
-            ax.legend(frameon=False, fontsize=7)
-            save(fig, name)
-    for name in FIGURES:             # a figure of a stage whose results are gone is gone too
+                                       ("token_rl", "token-level RL")) if k in r]
+    if methods:
+        fig, ax = figure("rl_curves.png", "Post-training task, sparse reward", xlabel="training episodes",
+                         ylabel="success (training batches)", ylim=(-0.02, 1.02))
+        for k, lab in methods:
+            c = np.array(r[k]["curve"])                             # (batches, 2): episodes so far, batch success
+            w = max(1, len(c) // 20)                                # a moving average over batches, for readability
+            smooth = np.convolve(c[:, 1], np.ones(w), "same") / np.convolve(np.ones(len(c)), np.ones(w), "same")
+            ax[0].plot(c[:, 0], smooth, label=f"{lab} (test {r[k]['success']:.2f})")
+        save(fig, ax[0])
+    for name in FIGURES:                                            # figures of stages without results go
         if os.path.join(args.out, name) not in paths and os.path.exists(os.path.join(args.out, name)):
             os.remove(os.path.join(args.out, name))
     return paths
-
-
-FIGURES = ("env.png", "pretrain_curve.png", "probe_accuracy.png", "controller_success.png", "beta_traces.png",
-           "rl_curves.png", "rl_curves_log.png")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2100,8 +1735,6 @@ def open_run_folder(args: Args) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     open_run_folder(args)
@@ -2111,8 +1744,8 @@ def main(argv=None) -> dict:
     log("1 args", " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
     t_start, stage_time = time.time(), {}
     results = {"task": args.task, "seed": args.seed, "device": str(device), "args": dataclasses.asdict(args)}
-    # Per checkpoint: "trained" or "reused" by this run, "kept" (a later stage's, still valid), and its checksum,
-    # which its children's fingerprints chain (the grid's data are no checkpoint: made from the seed).
+    # Per checkpoint: "trained" or "reused" by this run, or "kept" (a later stage's, still valid), and its
+    # checksum, which its children's fingerprints chain (the grid's data are no checkpoint: made from the seed).
     status, sums = {}, ({"data": ""} if args.task == "grid" else {})
 
     def record(name: str, ck: dict) -> None:     # a checkpoint's metrics into results.json
@@ -2121,9 +1754,10 @@ def main(argv=None) -> dict:
         else:
             results[name] = ck["metrics"]
 
-    def stage(name: str, train) -> dict:
+    def stage(name: str, train) -> dict:         # reuse or train one checkpoint; time it; record its metrics
+        t = time.time()
         ck, status[name] = run_stage(args, name, sums[CHECKPOINTS[name][1]], log, train)
-        sums[name] = ck["checksum"]
+        sums[name], stage_time[name] = ck["checksum"], time.time() - t
         record(name, ck)
         return ck
 
@@ -2131,15 +1765,12 @@ def main(argv=None) -> dict:
         """Add the results of later stages whose checkpoints still fit, make the figures, write results.json."""
         kept, dropped = [], []
         for name, (_, parent, _, _) in CHECKPOINTS.items():
-            if name in status or not os.path.exists(ckpt_path(args, name)):
-                continue
-            ck = load_ckpt(ckpt_path(args, name), fingerprint(args, name, sums[parent])) if parent in sums else None
-            if ck is not None and ck.get("finished", True):
-                record(name, ck)
-                sums[name], status[name] = ck["checksum"], "kept"
-                kept.append(name)
-            else:
-                dropped.append(name)
+            if name not in status and os.path.exists(ckpt_path(args, name)):
+                ck = load_ckpt(ckpt_path(args, name), fingerprint(args, name, sums[parent])) if parent in sums else None
+                (dropped if ck is None else kept).append(name)
+                if ck is not None:
+                    record(name, ck)
+                    sums[name], status[name] = ck["checksum"], "kept"
         if kept or dropped:
             log("13 main", f"results.json keeps the stages not run now whose checkpoints still fit: "
                 f"{', '.join(kept) or 'none'}; leaves out those that no longer fit: {', '.join(dropped) or 'none'}")
@@ -2153,18 +1784,12 @@ def main(argv=None) -> dict:
                 f"and figures in {args.out}: {', '.join(os.path.basename(f) for f in figs)}")
         return results
 
-    def done(name: str, t: float) -> bool:
-        """Record the stage's time; True if --stop-after ends the run here."""
-        stage_time[name] = time.time() - t
-        return args.stop_after == name
-
     try:
         if args.task == "ant":                   # fail early, with the fix, where MuJoCo cannot load
             try:
                 env_module("ant").AntPinpadEnv().close()
             except Exception as e:  # noqa: BLE001
-                die(f"--task ant needs MuJoCo ({type(e).__name__}: {str(e)[:120]}); pip install -r requirements.txt "
-                    f"(gymnasium[mujoco], mujoco)")
+                die(f"--task ant needs MuJoCo ({type(e).__name__}: {str(e)[:120]}); pip install -r requirements.txt")
         t = time.time()
         data = make_datasets(args, log)
         if args.task == "ant":                   # the stored sets: a checkpoint that pretraining builds on
@@ -2174,57 +1799,40 @@ def main(argv=None) -> dict:
         stage_time["data"] = time.time() - t
         log("3 data", f"held-out D {len(data['heldout'])} episodes, D* {len(data['dstar_train'])} train + "
             f"{len(data['dstar_heldout'])} held-out ({stage_time['data']:.1f}s)")
-
-        t = time.time()
         ck = stage("pretrain", lambda: pretrain(args, data, device, log))
         torch.manual_seed(args.seed)             # the same random stream from here on, trained or reused
         model = GPT(args).to(device)
         load_weights(model, ck["model"], ckpt_path(args, "pretrain"))
         model.requires_grad_(False).eval()       # frozen from here on
-        if done("pretrain", t):
+        if args.stop_after == "pretrain":
             return finish()
-
-        t = time.time()
         stage("probe", lambda: probe_stage(args, model, data, device, log))
-        if done("probe", t):
+        if args.stop_after == "probe":
             return finish()
-
-        t = time.time()
         stage("controllers", lambda: controller_stage(args, model, data, device, log))
-        mid = args.n_layer // 2
-        log("13 main", f"probe layer 0 {results['probe_accuracy'][0]:.3f} -> layer {mid} "
-            f"{results['probe_accuracy'][mid]:.3f} | controllers at layer {mid}: pretraining tasks "
-            f"{results['controller_success_pretrain'][mid]} / post-training {results['controller_success'][mid]} | "
-            f"base alone {results['base_success_pretrain']:.3f} / {results['base_success']:.3f}")
-        if done("controllers", t):
+        if args.stop_after == "controllers":
             return finish()
-
-        t = time.time()
         ck = stage("metacontroller", lambda: metacontroller_stage(args, model, data, device, log))
         mcs = {k: MetaController(args).to(device) for k in ("mc", "mc_forced")}
         for k, mc in mcs.items():
             load_weights(mc, ck[k], ckpt_path(args, "metacontroller"))
-        if done("metacontroller", t):
+        if args.stop_after == "metacontroller":
             return finish()
-
-        t = time.time()
         stage("token_rl", lambda: token_rl(args, model, data, device, log))
         stage("internal_rl", lambda: internal_rl(args, model, mcs["mc"], data, device, log, forced=False))
-        stage("internal_rl_no_temporal", lambda: internal_rl(args, model, mcs["mc_forced"], data, device, log,
-                                                             forced=True))
-        done("rl", t)
-        log("13 main", f"switch F1 {results['switch_f1']:.3f} | post-training success after {args.rl_episodes} "
-            f"episodes: token-level RL {results['token_rl']['success']:.3f}, internal RL "
-            f"{results['internal_rl']['success']:.3f}, internal RL without temporal abstraction "
-            f"{results['internal_rl_no_temporal']['success']:.3f}")
+        stage("internal_rl_no_temporal", lambda: internal_rl(args, model, mcs["mc_forced"], data, device, log, forced=True))
+        mid = args.n_layer // 2
+        log("13 main", f"probe gap {results['probe_gap_mid']:+.3f} | controllers at layer {mid}: pretraining tasks "
+            f"{results['controller_success_pretrain'][mid]} / post-training {results['controller_success'][mid]} | "
+            f"switch F1 {results['switch_f1']:.3f} | post-training success: token-level RL "
+            f"{results['token_rl']['success']:.3f}, internal RL {results['internal_rl']['success']:.3f}, without "
+            f"temporal abstraction {results['internal_rl_no_temporal']['success']:.3f}")
         return finish()
     except (KeyboardInterrupt, Diverged) as e:   # one line, no traceback; results.json stays valid
         finished = [name for name, s in status.items() if s != "kept"]
-        if isinstance(e, Diverged):
-            msg, code = str(e), 1
-        else:
-            msg, code = (f"interrupted; finished stages: {', '.join(finished) or 'none'} (checkpoints in {args.out}); "
-                         f"rerun the same command to continue from there"), 130
+        msg, code = (str(e), 1) if isinstance(e, Diverged) else (
+            f"interrupted; finished stages: {', '.join(finished) or 'none'} (checkpoints in {args.out}); rerun the "
+            f"same command to continue from there", 130)
         finish(stopped=msg)
         print(f"internal_rl.py: {msg}", file=sys.stderr)
         sys.exit(code)

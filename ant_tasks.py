@@ -45,7 +45,7 @@ N_CELLS = GRID * GRID         # 16
 N_COLOURS = 4                 # O: coloured cells 0..3           [P A.2.2]
 N_WALLS = 1                   # W: forbidden cells               [P A.2.2]
 MAX_STEPS = 500               # T: episode limit (25 s of simulated time at Ant-v5's dt = 0.05 s)
-CELL_SIZE = 1.0               # metres per cell. The paper does not give it (PAPER.md suggests ~2 m); at the
+CELL_SIZE = 1.0               # metres per cell. The paper does not give it; at the
 #                               expert's ~0.5 m/s, 1 m cells keep the post-training task within 500 steps.
 #                               Only the ant's centre counts, so its 1.6 m leg span may cover several cells.
 HEIGHT_RANGE = (0.2, 1.0)     # torso height outside this range ends the episode [P A.2.1]
@@ -57,7 +57,7 @@ def subgoal_of(colour: int) -> int:
     return colour
 
 
-# Table A2 of the paper, verbatim: 16 three-colour tasks (PAPER.md section 2.1). As in the grid, they use
+# Table A2 of the paper, verbatim: 16 three-colour tasks (App. A.2). As in the grid, they use
 # only the subgoal transitions {0->2, 0->3, 1->0, 1->3, 2->0, 2->1, 3->1, 3->2}.
 PRETRAIN_TASKS = tuple(tuple(int(c) for c in s.split("-")) for s in (
     "0-3-2", "1-0-3", "2-1-0", "3-2-1", "0-2-0", "0-2-1", "0-3-1", "1-0-2",

@@ -48,7 +48,7 @@ def _neighbour_table() -> np.ndarray:
 NEXT = _neighbour_table()
 _NEXT_LIST = NEXT.tolist()    # plain lists are much faster than numpy indexing in the tight loops below
 
-# Table A1 of the paper, verbatim: 16 six-colour tasks = 3 subgoals each (PAPER.md section 2.1).
+# Table A1 of the paper, verbatim: 16 six-colour tasks = 3 subgoals each (App. A.1).
 PRETRAIN_TASKS = tuple(tuple(int(c) for c in s.split("-")) for s in (
     "0-1-4-5-0-1", "0-1-4-5-2-3", "0-1-6-7-2-3", "2-3-0-1-4-5", "2-3-6-7-2-3", "2-3-6-7-4-5",
     "4-5-0-1-4-5", "4-5-0-1-6-7", "4-5-2-3-6-7", "6-7-2-3-0-1", "6-7-2-3-6-7", "6-7-4-5-0-1",

@@ -202,7 +202,7 @@ def die(msg: str):
 def parse_args(argv=None) -> Args:
     """Read --task and --preset first (they set the defaults --help shows), then every flag; bad input exits
     with one line that names the fix."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False)                   # a first pass that knows two flags only
     pre.add_argument("--task", default=Args.task)
     pre.add_argument("--preset", default=Args.preset)
     first, _ = pre.parse_known_args(argv)
@@ -211,7 +211,7 @@ def parse_args(argv=None) -> Args:
     if first.preset not in PRESETS[first.task]:
         die(f"unknown --preset {first.preset!r}; valid choices: {', '.join(PRESETS[first.task])}")
     preset = PRESETS[first.task][first.preset]
-    defaults = {**dataclasses.asdict(Args()), **preset}
+    defaults = {**dataclasses.asdict(Args()), **preset}              # what --help shows, per task and preset
     p = argparse.ArgumentParser(description="Internal RL reference implementation (arXiv 2512.20605).")
     for f in dataclasses.fields(Args):          # f.type is a string ("int", ...): annotations are postponed
         kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default {defaults[f.name]!r})")
@@ -219,8 +219,8 @@ def parse_args(argv=None) -> Args:
             p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
         else:
             p.add_argument("--" + f.name.replace("_", "-"), type={"int": int, "float": float, "str": str}[f.type], **kw)
-    given = vars(p.parse_args(argv))
-    args = Args(**{**preset, **given})
+    given = vars(p.parse_args(argv))                                 # only the flags on the command line
+    args = Args(**{**preset, **given})                               # dataclass defaults < preset < command line
     grid = args.task == "grid"
     if args.stop_after not in STAGES:
         die(f"unknown --stop-after {args.stop_after!r}; valid choices: {', '.join(STAGES)}")
@@ -244,7 +244,7 @@ def parse_args(argv=None) -> Args:
               (args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()),
                f"--device {args.device!r} is not available here; valid choices: auto, cpu"
                + (", cuda" if torch.cuda.is_available() else " (no CUDA device found)"))]
-    for bad, msg in checks:
+    for bad, msg in checks:                                          # the first broken rule stops the run
         if bad:
             die(msg)
     try:
@@ -252,7 +252,7 @@ def parse_args(argv=None) -> Args:
         obj_attn_blocks(args)
     except ValueError as e:
         die(str(e))
-    suffix = "" if args.preset == "default" else f"-{args.preset}"
+    suffix = "" if args.preset == "default" else f"-{args.preset}"   # runs/grid-seed0, runs/grid-seed0-quick
     args.out = args.out or os.path.join("runs", f"{args.task}-seed{args.seed}{suffix}")
     return args
 
@@ -262,7 +262,7 @@ def layer_list(text: str, named: dict, lo: int, hi: int, flag: str) -> list:
     try:
         layers = named[text] if text in named else [int(s) for s in text.split(",")]
     except ValueError:
-        layers = [lo - 1]
+        layers = [lo - 1]                                            # not a number: reported as out of range
     if any(not lo <= l <= hi for l in layers):
         raise ValueError(f"{flag} must be {', '.join(repr(k) for k in named)} or layers in {lo}..{hi}, got {text!r}")
     return layers
@@ -281,17 +281,13 @@ def ctrl_layers(args: Args) -> list:
 
 # ---------------------------------------------------------------------------------------------------
 # 2. Plumbing: logging, and checkpoints that know what made them              # BOILERPLATE
-# Not part of the method. Runs are reproducible (one seed fixes every number on a given CPU), observable
-# (one fixed-format line per event with its ETA, also as JSON in metrics.jsonl) and restartable: each stage
-# saves <out>/<name>.pt stamped with a *fingerprint* of what made it, and a rerun reuses a checkpoint only
-# while its fingerprint still matches. The fingerprint hashes
-#   * the stage's settings (the Args fields listed in CHECKPOINTS),
-#   * the stage's code: every function, class and constant of sections 3-11 that its entry points reach by
-#     name, compared as syntax trees (so comments, docstrings and layout do not count), and the env file
-#     for the stages that generate data,
-#   * the checksum of the checkpoint it builds on, so that a retrained parent retrains its children.
-# Editing mc_loss therefore retrains the metacontroller and internal RL; editing a figure, a comment or the
-# README retrains nothing. Each checkpoint also stores a checksum of its contents, checked on every load.
+# Not part of the method. Runs are reproducible (one seed fixes every number on a given CPU), observable (one
+# line per event with its ETA, also as JSON in metrics.jsonl) and restartable: each stage saves <out>/<name>.pt
+# stamped with a *fingerprint*, and a rerun reuses a checkpoint only while its fingerprint still matches. It
+# hashes the stage's settings (listed in CHECKPOINTS), its code (every function, class and constant of
+# sections 3-11 that its entry points reach by name, as syntax trees: comments and docstrings do not count;
+# the env file for the stages that make data) and the checksum of the checkpoint it builds on. So editing
+# mc_loss retrains the metacontroller and internal RL, and editing a figure, a comment or the README nothing.
 class Logger:
     """Print-first logging: one line per event, also appended to metrics.jsonl."""
 
@@ -367,7 +363,7 @@ def code_digest(roots: tuple, env_file: str = "") -> str:
             [n.id for t in targets if t is not None for n in ast.walk(t) if isinstance(n, ast.Name)]
         for name in names if 3 <= section <= 11 else []:
             index[name] = (syntax(node), {n.id for n in ast.walk(node) if isinstance(n, ast.Name)})
-    seen, todo = set(), list(roots)
+    seen, todo = set(), list(roots)                                         # everything the roots reach by name
     while todo:
         name = todo.pop()
         if name in index and name not in seen:
@@ -400,7 +396,7 @@ def checksum(obj) -> str:
 def atomic_write(path: str, write) -> None:
     """``write(f)`` into a temporary file, then rename it to ``path``: an interrupted or failed write leaves the
     old file (if any) untouched and no temporary file behind."""
-    tmp = path + ".tmp"
+    tmp = path + ".tmp"                                     # same folder, so that os.replace is atomic
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -412,7 +408,7 @@ def atomic_write(path: str, write) -> None:
 
 def save_ckpt(path: str, obj: dict) -> dict:
     """Save a checkpoint atomically, with the checksum of its contents; returns what was saved."""
-    obj = {**obj, "checksum": checksum(obj)}
+    obj = {**obj, "checksum": checksum(obj)}                # of everything but itself
     atomic_write(path, lambda f: torch.save(obj, f))
     return obj
 
@@ -430,7 +426,7 @@ def load_ckpt(path: str, fp: str, log=None, tag: str = ""):
         die(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:80]}); {fix}")
     if stored is None or stored != checksum(ck):
         die(f"checkpoint {path} is corrupt (its contents do not match their checksum); {fix}")
-    if ck["fingerprint"] != fp:
+    if ck["fingerprint"] != fp:                             # made by other settings, code or parent: not used
         if log is not None:
             log(tag, f"{path} was made with other settings or code: retraining this stage")
         return None
@@ -450,15 +446,6 @@ def run_stage(args: Args, name: str, parent_sum: str, log: Logger, train) -> tup
         log(tag, f"reusing {path}")
         return ck, "reused"
     return save_ckpt(path, {**train(), "fingerprint": fp}), "trained"
-
-
-def load_weights(model: nn.Module, state: dict, path: str) -> None:
-    """load_state_dict, but a mismatch (a checkpoint from other code) names the file and the fix."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        die(f"checkpoint {path} does not fit this code's model ({str(e)[:80]}); delete it (or choose another "
-            f"--out) to retrain that stage")
 
 
 class Diverged(Exception):
@@ -990,7 +977,7 @@ def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
 def residual_features(model: GPT, episodes: list, device) -> tuple:
     """Residuals of every real step at every layer and their subgoal labels: ([L+1 x (N, D)], (N,))."""
     model.eval()
-    feats, labels = [[] for _ in range(model.n_layer + 1)], []
+    feats, labels = [[] for _ in range(model.n_layer + 1)], []                 # per layer: (n_real, D) chunks
     for b in batches_of(episodes, 256, device):
         _, _, res = model(b["obs"])
         m = b["subgoals"] >= 0
@@ -1108,9 +1095,9 @@ def train_controllers(args: Args, model: GPT, layer: int, episodes: list, device
 @torch.no_grad()
 def controlled_nll(model: GPT, ctrl, layer: int, episodes: list, device) -> float:
     """Mean -ln p(a_t | o_{1:t}, g_t) on ``episodes`` with the controllers ``ctrl`` (None: the base model alone)."""
-    total, n = 0.0, 0
+    total, n = 0.0, 0                                                        # summed NLL, real steps
     for b in batches_of(episodes, 256, device):
-        g = b["subgoals"].clamp(min=0)
+        g = b["subgoals"].clamp(min=0)                                           # padding -> any id (masked)
         act_out, _, _ = model(b["obs"], None if ctrl is None else (lambda x: ctrl(x, g)), layer)
         m = b["mask"]
         total -= model.action_logp(act_out, b["actions"])[m].sum().item()
@@ -1158,7 +1145,6 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
                "base_nll": controlled_nll(model, None, -1, held, device),
                "controller_success": by_layer(lambda nll, pre, post: post["success"]),
                "controller_success_pretrain": by_layer(lambda nll, pre, post: pre["success"]),
-               "controller_colours": by_layer(lambda nll, pre, post: post["colours"]),
                "controller_nll": by_layer(lambda nll, pre, post: nll), "train_time_s": time.time() - t0, **oracle}
     return {"metrics": metrics, "controllers": states}
 
@@ -1422,7 +1408,7 @@ def boundary_f1(beta, subgoals, lengths, tol: int = 1) -> dict:
 
 @torch.no_grad()
 def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int, device) -> dict:
-    """Held-out switch statistics with posterior means (no sampling), plus NLL, KL and a histogram of beta."""
+    """Held-out switch statistics with posterior means (no sampling), NLL, KL and example traces of beta."""
     betas, subgoals, nll, kl, n = [], [], 0.0, 0.0, 0                   # per episode, real steps only
     for b in batches_of(episodes, 256, device):
         e = model.lower(b["obs"], layer)
@@ -1436,9 +1422,7 @@ def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int,
             betas.append(bt[:T])
             subgoals.append(g[:T])
     out = boundary_f1(betas, subgoals, [len(bt) for bt in betas])
-    later = torch.tensor([x for bt in betas for x in bt[1:]])               # beta_2..beta_T (beta_1 = 1 always)
-    out.update(nll=nll / n, kl=kl / n, beta_hist=torch.histc(later, bins=10, min=0, max=1).int().tolist(),
-               examples=[{"beta": [round(x, 3) for x in betas[i]], "subgoals": subgoals[i]}
+    out.update(nll=nll / n, kl=kl / n, examples=[{"beta": [round(x, 3) for x in betas[i]], "subgoals": subgoals[i]}
                          for i in range(0, len(betas), max(1, len(betas) // 6))][:6])   # for the Fig. 6/A3 plot
     return out
 
@@ -1510,14 +1494,13 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
     verdict = collapse_verdict(al["switch_rate"], al["kl"])
     log("10 metacontroller", f"held-out D*: nll {al['nll']:.3f} | kl {al['kl']:.3f} | switch rate "
         f"{al['switch_rate']:.3f} ({verdict}) | switches vs subgoal boundaries (+-1 step): precision "
-        f"{al['precision']:.3f} recall {al['recall']:.3f} F1 {al['f1']:.3f} | beta histogram (0..1, 10 bins) "
-        f"{al['beta_hist']}", **al)
+        f"{al['precision']:.3f} recall {al['recall']:.3f} F1 {al['f1']:.3f}", **al)
     mc_forced = train(args.seed, args.mc_steps, forced=True)
     forced_nll = switch_alignment(model, mc_forced, held[:args.n_probe // 2], mid, device)["nll"]
     log("10 metacontroller-forced", f"held-out D* nll {forced_nll:.3f} (beta = 1 at every step)")
     metrics = {"switch_f1": al["f1"], "switch_precision": al["precision"], "switch_recall": al["recall"],
                "switch_rate": al["switch_rate"], "switch_collapse": verdict, "mc_nll": al["nll"], "mc_kl": al["kl"],
-               "beta_hist": al["beta_hist"], "beta_examples": al["examples"], "mc_forced_nll": forced_nll,
+               "beta_examples": al["examples"], "mc_forced_nll": forced_nll,
                "mc_seed": chosen, "mc_candidates": candidates, "train_time_s": time.time() - t0}
     return {"metrics": metrics, "mc": mc.state_dict(), "mc_forced": mc_forced.state_dict()}
 
@@ -1647,14 +1630,14 @@ def make_figures(args: Args, results: dict) -> list:
         paths.append(os.path.join(args.out, name))
         return fig, ax[:, 0]
 
-    def save(fig, legend=None):
+    def save(fig, legend=None, loc="best"):
         if legend is not None:
-            legend.legend(frameon=False, fontsize=7)
+            legend.legend(frameon=False, fontsize=7, loc=loc)
         fig.tight_layout()
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
 
-    E = env_module(args.task)
+    E = env_module(args.task)                                       # gridworld.py or ant_tasks.py
     try:                                                            # one pretraining-task layout, as rgb_array
         env = (E.GridPinpadEnv if args.task == "grid" else E.AntPinpadEnv)(render_mode="rgb_array")
         env.reset(seed=args.seed, options={"task": E.PRETRAIN_TASKS[0]})
@@ -1668,16 +1651,16 @@ def make_figures(args: Args, results: dict) -> list:
             raise
         print(f"[12 figures] no env.png: MuJoCo cannot render here ({type(e).__name__}); try MUJOCO_GL=egl")
     if "probe_accuracy" in r:
-        acc = r["probe_accuracy"]
+        acc = r["probe_accuracy"]                                   # one per layer 0..L
         fig, ax = figure("probe_accuracy.png", "Linear probe of the current subgoal", xlabel="layer l (0 = embedding)",
                          ylabel="held-out accuracy", xticks=range(len(acc)), ylim=(0, 1))
         ax[0].plot(range(len(acc)), acc, "o-", color="C0", label="probe")
         ax[0].axhline(0.25, ls=":", color="grey", label="chance")
         save(fig, ax[0])
     if "controller_success" in r:
-        L1 = len(r["controller_success"])
+        L1 = len(r["controller_success"])                           # layers 0..L (None where not trained)
         fig, ax = figure("controller_success.png", "Ground-truth subgoal controllers", xlabel="controlled layer l",
-                         ylabel="success rate", xticks=range(L1), ylim=(0, 1))
+                         ylabel="success rate", xticks=range(L1), ylim=(0, 1.35), yticks=np.linspace(0, 1, 6))
         for key, label, c in (("controller_success_pretrain", "pretraining tasks", "C0"),
                               ("controller_success", "post-training task", "C3")):
             xs = [l for l in range(L1) if r[key][l] is not None]
@@ -1687,9 +1670,9 @@ def make_figures(args: Args, results: dict) -> list:
                        label="trained with post-training episodes (diagnostic)")
         ax[0].axhline(r["base_success_pretrain"], ls="--", color="C0", alpha=0.6, label="base alone, pretraining")
         ax[0].axhline(r["base_success"], ls="--", color="C3", alpha=0.6, label="base alone, post-training")
-        save(fig, ax[0])
+        save(fig, ax[0], loc="upper left")
     if "beta_examples" in r:                                        # beta_t over time, the true subgoals as bands
-        ex = r["beta_examples"]
+        ex = r["beta_examples"]                                     # six held-out episodes: beta_t and g_t
         fig, ax = figure("beta_traces.png", f"Switching gate on held-out D* (bands: true subgoal; F1 "
                          f"{r['switch_f1']:.2f})", (5.5, 1.1 * len(ex) + 0.6), len(ex), xlabel="time step t")
         for a, e in zip(ax, ex):
@@ -1726,11 +1709,10 @@ def open_run_folder(args: Args) -> None:
         os.remove(os.path.join(args.out, ".writable"))
     except OSError as e:
         die(f"--out {args.out}: cannot use it as the run folder ({e.strerror or e}); choose another --out")
-    if args.fresh:
-        for name in CHECKPOINTS:
-            if os.path.exists(ckpt_path(args, name)):
-                os.remove(ckpt_path(args, name))
-                print(f"[13 main] --fresh: deleted {ckpt_path(args, name)}")
+    for path in [ckpt_path(args, name) for name in CHECKPOINTS if args.fresh]:
+        if os.path.exists(path):
+            os.remove(path)
+            print(f"[13 main] --fresh: deleted {path}")
 
 
 def main(argv=None) -> dict:
@@ -1742,7 +1724,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     log = Logger(args.out)
     log("1 args", " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
-    t_start, stage_time = time.time(), {}
+    t_start, stage_time = time.time(), {}                   # seconds per stage (reused: the loading time)
     results = {"task": args.task, "seed": args.seed, "device": str(device), "args": dataclasses.asdict(args)}
     # Per checkpoint: "trained" or "reused" by this run, or "kept" (a later stage's, still valid), and its
     # checksum, which its children's fingerprints chain (the grid's data are no checkpoint: made from the seed).
@@ -1774,7 +1756,7 @@ def main(argv=None) -> dict:
         if kept or dropped:
             log("13 main", f"results.json keeps the stages not run now whose checkpoints still fit: "
                 f"{', '.join(kept) or 'none'}; leaves out those that no longer fit: {', '.join(dropped) or 'none'}")
-        figs = [] if stopped else make_figures(args, results)
+        figs = [] if stopped else make_figures(args, results)   # (an interrupted run keeps the old figures)
         results.update(stage_status=status, stage_time_s=stage_time, wall_time_s=time.time() - t_start,
                        **({"stopped": stopped} if stopped else {}))
         atomic_write(os.path.join(args.out, "results.json"),
@@ -1794,15 +1776,14 @@ def main(argv=None) -> dict:
         data = make_datasets(args, log)
         if args.task == "ant":                   # the stored sets: a checkpoint that pretraining builds on
             sums["data"], status["data"] = data["checksum"], data["status"]
-            results.update(expert_success_pretrain=data["expert"]["pretrain"],
-                           expert_success_posttrain=data["expert"]["posttrain"])
+            results.update(expert_success_pretrain=data["expert"]["pretrain"], expert_success_posttrain=data["expert"]["posttrain"])
         stage_time["data"] = time.time() - t
         log("3 data", f"held-out D {len(data['heldout'])} episodes, D* {len(data['dstar_train'])} train + "
             f"{len(data['dstar_heldout'])} held-out ({stage_time['data']:.1f}s)")
         ck = stage("pretrain", lambda: pretrain(args, data, device, log))
         torch.manual_seed(args.seed)             # the same random stream from here on, trained or reused
         model = GPT(args).to(device)
-        load_weights(model, ck["model"], ckpt_path(args, "pretrain"))
+        model.load_state_dict(ck["model"])       # (a checkpoint that matches its fingerprint has this code's shapes)
         model.requires_grad_(False).eval()       # frozen from here on
         if args.stop_after == "pretrain":
             return finish()
@@ -1815,7 +1796,7 @@ def main(argv=None) -> dict:
         ck = stage("metacontroller", lambda: metacontroller_stage(args, model, data, device, log))
         mcs = {k: MetaController(args).to(device) for k in ("mc", "mc_forced")}
         for k, mc in mcs.items():
-            load_weights(mc, ck[k], ckpt_path(args, "metacontroller"))
+            mc.load_state_dict(ck[k])
         if args.stop_after == "metacontroller":
             return finish()
         stage("token_rl", lambda: token_rl(args, model, data, device, log))
@@ -1829,13 +1810,13 @@ def main(argv=None) -> dict:
             f"temporal abstraction {results['internal_rl_no_temporal']['success']:.3f}")
         return finish()
     except (KeyboardInterrupt, Diverged) as e:   # one line, no traceback; results.json stays valid
-        finished = [name for name, s in status.items() if s != "kept"]
+        finished = [name for name, s in status.items() if s != "kept"]      # trained or reused by this run
         msg, code = (str(e), 1) if isinstance(e, Diverged) else (
             f"interrupted; finished stages: {', '.join(finished) or 'none'} (checkpoints in {args.out}); rerun the "
             f"same command to continue from there", 130)
         finish(stopped=msg)
         print(f"internal_rl.py: {msg}", file=sys.stderr)
-        sys.exit(code)
+        sys.exit(code)                           # 1: diverged; 130: interrupted, as a shell reports Ctrl-C
 
 
 if __name__ == "__main__":

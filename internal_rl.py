@@ -185,9 +185,10 @@ QUICK = dict(n_heldout=400, n_dstar=1000, n_probe=1000, eval_every=200, log_ever
              mc_seeds=2, mc_screen=100, rl_episodes=1024, rl_batch=128, rl_eval=200)
 PRESETS = {"grid": {"default": GRID, "quick": {**GRID, **QUICK, "pretrain_steps": 600}},
            "ant": {"default": ANT, "quick": {**ANT, **QUICK, "n_train": 300, "n_heldout": 40, "n_dstar": 60,
-                                             "n_probe": 60, "pretrain_steps": 300, "eval_every": 100, "n_eval": 40,
-                                             "mc_steps": 40, "mc_batch": 16, "mc_kl_warmup": 12, "mc_screen": 20,
-                                             "rl_episodes": 128, "rl_batch": 32, "rl_eval": 40, "expert_eval": 40}}}
+                                             "n_probe": 60, "pretrain_steps": 150, "eval_every": 50, "ctrl_steps": 50,
+                                             "n_eval": 20, "mc_steps": 20, "mc_batch": 16, "mc_kl_warmup": 6,
+                                             "mc_seeds": 1, "mc_screen": 0, "rl_episodes": 64, "rl_batch": 32,
+                                             "rl_eval": 20, "expert_eval": 40}}}
 STAGES = ("pretrain", "probe", "controllers", "metacontroller", "rl")
 MAY_BE_ZERO = ("seed", "epsilon", "obs_coef", "weight_decay", "warmup", "cooldown", "alpha", "mc_kl_warmup",
                "mc_gumbel", "n_train", "action_noise", "ctrl_rank", "mc_screen")    # every other number: > 0

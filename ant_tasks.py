@@ -534,6 +534,33 @@ def generate_dataset(sets: dict, workers: int, log=print) -> tuple:
     return eps, wins, tries
 
 
+def expert_datasets(ss: list, n_train: int, n_heldout: int, n_dstar: int, n_post: int, noise: float, workers: int,
+                    log=print) -> tuple:
+    """The stored sets of ``internal_rl.py`` and the expert's success rates. ``ss``: six SeedSequences (0-3 the
+    sets, 5 the post-training attempts; 4 is the caller's). D (train, heldout) has action noise ``noise``, D*
+    (dstar_train, dstar_heldout) none. Returns ({name: {obs, actions, subgoals: each field concatenated over the
+    episodes, lengths (n,)}}, {"pretrain": success in the D* attempts, "posttrain": in ``n_post`` episodes})."""
+    spec = {"train": (n_train, noise, ss[0], False), "heldout": (n_heldout, noise, ss[1], False),
+            "dstar_train": (n_dstar, 0.0, ss[2], False), "dstar_heldout": (n_dstar, 0.0, ss[3], False),
+            "expert_post": (n_post, 0.0, ss[5], True)}                     # attempts only: a success rate
+    sets, wins, tries = generate_dataset(spec, workers, log)
+    star = ("dstar_train", "dstar_heldout")
+    expert = {"pretrain": sum(wins[k] for k in star) / sum(tries[k] for k in star),
+              "posttrain": wins["expert_post"] / tries["expert_post"]}
+    del sets["expert_post"]
+    return {name: {**{k: np.concatenate([ep[k] for ep in eps]) for k in ("obs", "actions", "subgoals")},
+                   "lengths": np.array([len(ep["actions"]) for ep in eps], dtype=np.int64)}
+            for name, eps in sets.items()}, expert
+
+
+def split_episodes(d: dict) -> list:
+    """The inverse of expert_datasets' concatenation: one set -> a list of episodes (views, no copies)."""
+    n = d["lengths"].tolist()
+    cut = lambda x, k: np.split(x, np.cumsum([m + k for m in n])[:-1])         # k = 1: obs has T+1 rows
+    return [{"obs": o, "actions": a, "subgoals": g} for o, a, g in zip(cut(d["obs"], 1), cut(d["actions"], 0),
+                                                                        cut(d["subgoals"], 0))]
+
+
 # ---------------------------------------------------------------------------------------------------
 # 5. Registration, and a command line for the expert
 # ---------------------------------------------------------------------------------------------------

@@ -3,27 +3,25 @@
     "Emergent temporal abstractions in autoregressive models enable hierarchical reinforcement learning"
     Kobayashi, Schimpf, Schlegel, ..., Meulemans, Sacramento (2025), arXiv:2512.20605.
 
-Read it top to bottom: every section is one step of the paper's pipeline, in the order a run performs them.
-
-The pipeline (section numbers of this file in brackets)
-    expert trajectories (no rewards, no labels)                                 [3]
-            |  next-action prediction + lambda * next-observation prediction (Eq. 5)
-            v
-    causal transformer  o_{1:t} -> e_{t,0} -> block 1 -> ... -> block L -> a_t   [4, 6]
-            |                                  ^
-            |  e_{t,l}: the residual stream    |  e <- e + U e: a linear controller (Eq. 1)
-            v                                  |
-    linear probes: is the current subgoal    ground-truth controllers: one U per subgoal, switched
-    linearly readable at layer l? [7]        by the true subgoal, steer the frozen model [8]
-            |
-            v
-    metacontroller: learns without labels a sequence of controllers U_t = f_hyp(z_t) and when to
-    switch between them (beta_t), from the frozen model's residual stream (Eq. 2-3)            [10]
-            |
-            v
-    internal RL: a causal policy picks a code z only when the frozen switch fires; the frozen   [11]
-    model acts. Compared with RL on primitive actions (token-level RL) [9] on a task whose subgoal
-    order pretraining never showed.
+Table of contents: read it top to bottom, each section is one step of the paper's pipeline, in the order a run
+performs them (the section banners below carry these numbers)
+    1. Args: every setting, presets per task
+    2. Plumbing: logging, and checkpoints that know what made them
+    3. Data: expert trajectories D and D*, no rewards, no labels
+    4. The base model: a causal transformer o_{1:t} -> e_{t,0} -> block 1 -> ... -> block L -> a_t, whose
+       residual stream e_{t,l} the later sections read and edit
+    5. Rollouts: the frozen model, optionally controlled, acting in the env
+    6. Stage "pretrain": next-action prediction + lambda * next-observation prediction (Eq. 5)
+    7. Stage "probe": is the current subgoal linearly readable at layer l? (Sec. 5.1, Eq. 6-7, Fig. 3)
+    8. Stage "controllers": e <- e + U e (Eq. 1), one U per subgoal, switched by the true subgoal: do they steer
+       the frozen model? (Sec. 5.2, Fig. 4)
+    9. The RL toolkit and token-level RL (App. C.5.2: clipped ratio, no critic, one advantage per episode)
+    10. Stage "metacontroller": learns without labels controllers U_t = f_hyp(z_t) and when to switch between
+        them (beta_t) (Sec. 6, Eq. 2-3)
+    11. Internal RL: a causal policy picks a code z only when the frozen switch fires, the frozen model acts;
+        against token-level RL, on a subgoal order pretraining never showed (Sec. 8, Alg. 1-3)
+    12. Figures
+    13. main(): the stages in order
 
 Commands (a 2-core CPU is enough)
     python internal_rl.py --task grid                      # every stage, the default preset
@@ -32,36 +30,20 @@ Commands (a 2-core CPU is enough)
     python internal_rl.py --task ant                       # the MuJoCo ant (MUJOCO_GL=egl for its picture)
     python internal_rl.py --task grid --help               # every setting, with this task's and preset's defaults
     python -m pytest -q test_internal_rl.py                # the tests
-Outputs go to --out (default runs/<task>-seed<seed>, with -quick for the quick preset): checkpoints (*.pt),
-metrics.jsonl (every log line as JSON), figures (*.png) and results.json. A rerun reuses every finished stage
-whose settings and code are unchanged, and retrains a stage whose settings or code changed together with
-every stage built on it (section 2); --fresh retrains all. Ctrl-C keeps what is finished: rerun the same
-command to continue. Log lines start with the number of the section that writes them.
-
-Table of contents (the section banners below carry these numbers)
-    1. Args: every setting, presets per task
-    2. Plumbing: logging, and checkpoints that know what made them
-    3. Data: expert trajectories D and D*, length-bucketed batches
-    4. The base model: a causal transformer with an explicit residual stream
-    5. Rollouts: the frozen model, optionally controlled, acting in the env
-    6. Stage "pretrain": next-action prediction (Eq. 5)
-    7. Stage "probe": linear probes of the current subgoal (Sec. 5.1, Eq. 6-7, Fig. 3)
-    8. Stage "controllers": ground-truth residual-stream controllers (Eq. 1, Sec. 5.2, Fig. 4)
-    9. The RL toolkit and token-level RL (App. C.5.2: clipped ratio, no critic, one advantage per episode)
-    10. Stage "metacontroller": discovering subgoals and when to switch (Sec. 6, Eq. 2-3)
-    11. Internal RL: RL in the metacontroller's code space (Sec. 8, Alg. 1-3)
-    12. Figures
-    13. main(): the stages in order
+Outputs go to --out (default runs/<task>-seed<seed>[-quick]): checkpoints (*.pt), metrics.jsonl (every log line
+as JSON), figures (*.png) and results.json. A rerun reuses every finished stage whose settings and code are
+unchanged and retrains the others with all built on them (section 2); --fresh retrains all; after Ctrl-C, rerun
+the same command to continue. Log lines start with the number of the section that writes them.
 
 Notation (shape comments use these letters)
     B batch (episodes)   T time steps   D residual width (n_embd)   L blocks (n_layer)   nh attention heads
     G subgoals (4: colour pairs on the grid, colours on the ant)   r controller rank   Z code size (n_z)
     e_{t,l} the residual at step t after block l (l = 0: the input embedding)   U a D x D controller
 
-Deviations from the paper (the README's table has them all, with reasons): a CPU-sized model and budget (d=64,
-4 blocks; the paper: d=256, 6 blocks, ~400x the episodes); an agent-centred input embedding and object attention
-(section 4); GRUs where the paper uses Hawk SSMs; a KL warm-up and a label-free choice among metacontroller seeds
-(section 10); on the ant, a hand-designed expert instead of PPO.
+Deviations from the paper (the README's table gives reasons): a CPU-sized model and budget (d=64, 4 blocks; the
+paper: d=256, 6 blocks, ~400x the episodes); an agent-centred embedding and object attention (section 4); GRUs for
+Hawk SSMs; a KL warm-up and a label-free choice among metacontroller seeds (section 10); the ant's expert is
+hand-designed, not PPO.
 """
 from __future__ import annotations
 
@@ -71,6 +53,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -89,13 +72,11 @@ import gridworld as gw
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Args: every setting, presets per task
-# Every tunable number of the file lives here, grouped by the section that uses it; --help prints the same
-# text with the defaults of the chosen --task and --preset. A preset only overrides some fields; the rest
-# keep the dataclass defaults below.
+# Every tunable number, grouped by the section that uses it; --help prints this text with the defaults of the
+# chosen --task and --preset (a preset overrides some fields, the rest keep the dataclass defaults).
 def arg(default, help: str):
     """A dataclass field that carries its own --help text."""
     return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class Args:
@@ -172,9 +153,8 @@ class Args:
     irl_lr: float = arg(1e-3, "AdamW learning rate of the internal-RL policy (Table A13: 3e-5)")
     irl_hidden: int = arg(64, "GRU width of the causal z-policy (Table A13: a 1-layer SSM of width 256)")
 
-
-# Presets: the fields each one changes. The grid's top block attends over objects, six metacontroller seeds
-# are screened; the ant's D is a stored set of long episodes, its controllers are full rank (Table A8).
+# Presets: the fields each changes. Grid: object attention in the top block, six metacontroller seeds screened;
+# ant: D is a stored set of long episodes, full-rank controllers (Table A8).
 GRID = dict(obj_attn="last", mc_seeds=6, mc_screen=1000, mc_steps=3000)
 ANT = dict(n_train=2500, action_noise=0.03, n_heldout=200, n_dstar=400, n_embd=128, batch_size=16,
            pretrain_steps=2000, lr=1e-3, obs_coef=0.0, eval_every=500, log_every=100, n_probe=400, ctrl_rank=0,
@@ -183,22 +163,19 @@ ANT = dict(n_train=2500, action_noise=0.03, n_heldout=200, n_dstar=400, n_embd=1
 QUICK = dict(n_heldout=400, n_dstar=1000, n_probe=1000, eval_every=200, log_every=100, ctrl_layers="mid",
              ctrl_steps=150, n_eval=100, ctrl_oracle=False, mc_steps=200, mc_batch=64, mc_kl_warmup=60,
              mc_seeds=2, mc_screen=100, rl_episodes=1024, rl_batch=128, rl_eval=200)
+ANT_QUICK = dict(n_train=300, n_heldout=40, n_dstar=60, n_probe=60, pretrain_steps=150, eval_every=50, ctrl_steps=50,
+                 n_eval=20, mc_steps=20, mc_batch=16, mc_kl_warmup=6, mc_seeds=1, mc_screen=0, rl_episodes=64,
+                 rl_batch=32, rl_eval=20, expert_eval=40)
 PRESETS = {"grid": {"default": GRID, "quick": {**GRID, **QUICK, "pretrain_steps": 600}},
-           "ant": {"default": ANT, "quick": {**ANT, **QUICK, "n_train": 300, "n_heldout": 40, "n_dstar": 60,
-                                             "n_probe": 60, "pretrain_steps": 150, "eval_every": 50, "ctrl_steps": 50,
-                                             "n_eval": 20, "mc_steps": 20, "mc_batch": 16, "mc_kl_warmup": 6,
-                                             "mc_seeds": 1, "mc_screen": 0, "rl_episodes": 64, "rl_batch": 32,
-                                             "rl_eval": 20, "expert_eval": 40}}}
+           "ant": {"default": ANT, "quick": {**ANT, **QUICK, **ANT_QUICK}}}
 STAGES = ("pretrain", "probe", "controllers", "metacontroller", "rl")
 MAY_BE_ZERO = ("seed", "epsilon", "obs_coef", "weight_decay", "warmup", "cooldown", "alpha", "mc_kl_warmup",
                "mc_gumbel", "n_train", "action_noise", "ctrl_rank", "mc_screen")    # every other number: > 0
 ANT_ONLY = ("n_train", "action_noise", "workers", "expert_eval")
 
-
 def die(msg: str):
     """Stop with one line on stderr and no traceback: bad input, unreadable checkpoints, missing MuJoCo."""
     sys.exit(f"internal_rl.py: error: {msg}")
-
 
 def parse_args(argv=None) -> Args:
     """Read --task and --preset first (they set the defaults --help shows), then every flag; bad input exits
@@ -215,11 +192,10 @@ def parse_args(argv=None) -> Args:
     defaults = {**dataclasses.asdict(Args()), **preset}              # what --help shows, per task and preset
     p = argparse.ArgumentParser(description="Internal RL reference implementation (arXiv 2512.20605).")
     for f in dataclasses.fields(Args):          # f.type is a string ("int", ...): annotations are postponed
-        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default {defaults[f.name]!r})")
-        if f.type == "bool":
-            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), type={"int": int, "float": float, "str": str}[f.type], **kw)
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else \
+            dict(type={"int": int, "float": float, "str": str}[f.type])
+        p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                       help=f"{f.metadata['help']} (default {defaults[f.name]!r})", **kind)
     given = vars(p.parse_args(argv))                                 # only the flags on the command line
     args = Args(**{**preset, **given})                               # dataclass defaults < preset < command line
     grid = args.task == "grid"
@@ -249,14 +225,12 @@ def parse_args(argv=None) -> Args:
         if bad:
             die(msg)
     try:
-        ctrl_layers(args)
-        obj_attn_blocks(args)
+        ctrl_layers(args), obj_attn_blocks(args)                     # each raises a ValueError naming its flag
     except ValueError as e:
         die(str(e))
     suffix = "" if args.preset == "default" else f"-{args.preset}"   # runs/grid-seed0, runs/grid-seed0-quick
     args.out = args.out or os.path.join("runs", f"{args.task}-seed{args.seed}{suffix}")
     return args
-
 
 def layer_list(text: str, named: dict, lo: int, hi: int, flag: str) -> list:
     """'3,4' -> [3, 4], or a named choice; every layer in lo..hi, else a ValueError naming the flag."""
@@ -268,12 +242,10 @@ def layer_list(text: str, named: dict, lo: int, hi: int, flag: str) -> list:
         raise ValueError(f"{flag} must be {', '.join(repr(k) for k in named)} or layers in {lo}..{hi}, got {text!r}")
     return layers
 
-
 def obj_attn_blocks(args: Args) -> list:
     if args.obj_attn and args.task != "grid":
         raise ValueError("--obj-attn is for the grid (the ant's observation has no objects)")
     return layer_list(args.obj_attn, {"": [], "last": [args.n_layer]}, 1, args.n_layer, "--obj-attn")
-
 
 def ctrl_layers(args: Args) -> list:
     return layer_list(args.ctrl_layers, {"all": list(range(args.n_layer + 1)), "mid": [args.n_layer // 2]}, 0,
@@ -282,16 +254,13 @@ def ctrl_layers(args: Args) -> list:
 
 # ---------------------------------------------------------------------------------------------------
 # 2. Plumbing: logging, and checkpoints that know what made them              # BOILERPLATE
-# Not part of the method. Runs are reproducible (one seed fixes every number on a given CPU), observable (one
-# line per event with its ETA, also as JSON in metrics.jsonl) and restartable: each stage saves <out>/<name>.pt
-# stamped with a *fingerprint*, and a rerun reuses a checkpoint only while its fingerprint still matches. It
-# hashes the stage's settings (listed in CHECKPOINTS), its code (every function, class and constant of
-# sections 3-11 that its entry points reach by name, as syntax trees: comments and docstrings do not count;
-# the env file for the stages that make data) and the checksum of the checkpoint it builds on. So editing
-# mc_loss retrains the metacontroller and internal RL, and editing a figure, a comment or the README nothing.
+# Not part of the method. Each stage saves <out>/<name>.pt stamped with a *fingerprint*, and a rerun reuses it
+# only while that still matches: a hash of the stage's settings (CHECKPOINTS), its code (every function, class
+# and constant of sections 3-11 its entry points reach by name, as syntax trees, so comments do not count; the
+# env file for the stages that make data) and the checksum of the checkpoint it builds on. So editing mc_loss
+# retrains the metacontroller and internal RL; editing a figure, a comment or the README, nothing.
 class Logger:
     """Print-first logging: one line per event, also appended to metrics.jsonl."""
-
     def __init__(self, out: str):
         os.makedirs(out, exist_ok=True)
         self.path = os.path.join(out, "metrics.jsonl")
@@ -301,7 +270,6 @@ class Logger:
         with open(self.path, "a") as f:
             f.write(json.dumps(finite({"time": time.time(), "stage": stage, "msg": msg, **metrics})) + "\n")
 
-
 def finite(x):
     """x with every non-finite float replaced by None, so that the JSON written is valid (NaN is not JSON)."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -310,17 +278,14 @@ def finite(x):
         return {k: finite(v) for k, v in x.items()}
     return [finite(v) for v in x] if isinstance(x, (list, tuple)) else x
 
-
 def eta(t0: float, done: int, total: int) -> str:
     """Progress string, e.g. '12s elapsed, eta 45s'."""
     el = time.time() - t0
     return f"{el:.0f}s elapsed, eta {el / max(done, 1) * (total - done):.0f}s"
 
-
 RL_FIELDS = ("rl_episodes", "rl_batch", "rl_epochs", "clip_coef", "rl_eval", "expert_eval")
-# Every checkpoint, in pipeline order: (its section, the checkpoint it builds on, the settings it reads, the
-# entry points of its code). The grid has no "data" checkpoint: section 3 makes its episodes from the seed,
-# and that code is part of pretraining's fingerprint.
+# Every checkpoint, in pipeline order: (its section, its parent checkpoint, the settings it reads, the entry points
+# of its code). The grid has no "data" checkpoint: its episodes come from the seed, in pretraining's fingerprint.
 CHECKPOINTS = {
     "data": (3, None, ("task", "seed", "n_train", "action_noise", "n_heldout", "n_dstar", "expert_eval"),
              ("ant_datasets",)),
@@ -339,7 +304,6 @@ CHECKPOINTS = {
     "internal_rl_no_temporal": (11, "metacontroller", RL_FIELDS + ("irl_lr", "irl_hidden"), ("internal_rl",)),
 }
 
-
 def syntax(tree) -> str:
     """A syntax tree as text, without docstrings: what the code does, not how it is commented."""
     for node in ast.walk(tree):
@@ -348,7 +312,6 @@ def syntax(tree) -> str:
                 and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
             node.body = body[1:] or [ast.Pass()]
     return ast.dump(tree)
-
 
 @functools.lru_cache(maxsize=None)
 def code_digest(roots: tuple, env_file: str = "") -> str:
@@ -373,7 +336,6 @@ def code_digest(roots: tuple, env_file: str = "") -> str:
     text = "".join(index[name][0] for name in sorted(seen)) + (syntax(ast.parse(open(env_file).read())) if env_file else "")
     return hashlib.sha256(text.encode()).hexdigest()
 
-
 def fingerprint(args: Args, name: str, parent_sum: str = "") -> str:
     """What makes a checkpoint: its settings, its code and the checksum of the checkpoint it builds on."""
     _, _, fields, roots = CHECKPOINTS[name]
@@ -381,18 +343,15 @@ def fingerprint(args: Args, name: str, parent_sum: str = "") -> str:
     cfg = json.dumps({k: getattr(args, k) for k in fields}, sort_keys=True)
     return hashlib.sha256((cfg + code_digest(roots, env_file) + parent_sum).encode()).hexdigest()[:16]
 
-
 def checksum(obj) -> str:
     """sha256 of everything a checkpoint stores: its structure as JSON, each tensor's dtype, shape and bytes."""
     h = hashlib.sha256()
-
     def tensor(x):                                     # json.dumps calls this for what JSON cannot hold
         if torch.is_tensor(x):
             h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return f"{x.dtype}{tuple(x.shape)}" if torch.is_tensor(x) else repr(x)
     h.update(json.dumps(obj, sort_keys=True, default=tensor).encode())
     return h.hexdigest()
-
 
 def atomic_write(path: str, write) -> None:
     """``write(f)`` into a temporary file, then rename it to ``path``: an interrupted or failed write leaves the
@@ -405,14 +364,6 @@ def atomic_write(path: str, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def save_ckpt(path: str, obj: dict) -> dict:
-    """Save a checkpoint atomically, with the checksum of its contents; returns what was saved."""
-    obj = {**obj, "checksum": checksum(obj)}                # of everything but itself
-    atomic_write(path, lambda f: torch.save(obj, f))
-    return obj
-
 
 def load_ckpt(path: str, fp: str, log=None, tag: str = ""):
     """The checkpoint at ``path`` if its fingerprint is ``fp``, else None (logged, never used). A file that cannot
@@ -433,25 +384,23 @@ def load_ckpt(path: str, fp: str, log=None, tag: str = ""):
         return None
     return {**ck, "checksum": stored}
 
-
 def ckpt_path(args: Args, name: str) -> str:
     return os.path.join(args.out, f"{name}.pt")
 
-
 def run_stage(args: Args, name: str, parent_sum: str, log: Logger, train) -> tuple:
-    """<out>/<name>.pt if its fingerprint matches, else the checkpoint dict that ``train()`` returns, saved.
-    Returns (checkpoint, "reused" or "trained")."""
+    """(<out>/<name>.pt, "reused") if its fingerprint matches, else (what ``train()`` returns, saved, "trained")."""
     path, fp, tag = ckpt_path(args, name), fingerprint(args, name, parent_sum), f"{CHECKPOINTS[name][0]} {name}"
     ck = load_ckpt(path, fp, log, tag)
     if ck is not None:
         log(tag, f"reusing {path}")
         return ck, "reused"
-    return save_ckpt(path, {**train(), "fingerprint": fp}), "trained"
-
+    ck = {**train(), "fingerprint": fp}
+    ck["checksum"] = checksum(ck)                            # of everything but itself
+    atomic_write(path, lambda f: torch.save(ck, f))
+    return ck, "trained"
 
 class Diverged(Exception):
     """A non-finite loss or gradient norm (check_finite); main() stops the run with its one-line message."""
-
 
 def check_finite(tag: str, step: int, flag: str, args: Args, **values) -> None:
     """Stop training at the first non-finite value, naming the stage, the step and the likely fix."""
@@ -460,37 +409,29 @@ def check_finite(tag: str, step: int, flag: str, args: Args, **values) -> None:
             raise Diverged(f"[{tag}] step {step}: the {what.replace('_', ' ')} is {v}, training diverged; try a "
                            f"smaller --{flag} (now {getattr(args, flag.replace('-', '_'))})")
 
-
 def env_module(task: str):
     """The env file of a task: gridworld.py, or ant_tasks.py (imported only for the ant)."""
-    if task == "grid":
-        return gw
-    import ant_tasks
-    return ant_tasks
+    return gw if task == "grid" else importlib.import_module("ant_tasks")
 
 
 # ---------------------------------------------------------------------------------------------------
 # 3. Data: expert trajectories D and D*, length-bucketed batches               [App. C.1.1, C.4.4]
 # D: expert trajectories on the 16 pretraining tasks (the expert may be epsilon-noisy); pretrains the model.
-# D*: the same with epsilon = 0 ("more optimal"); trains the controllers and the metacontroller, which the
-#     paper finds need cleaner demonstrations than the base model does.
+# D*: the same with epsilon = 0; trains the controllers and the metacontroller (they need cleaner data).
 # A grid episode (gridworld.expert_episode) holds cells (T+1, 13): o_1..o_{T+1} in index form (the cells of
-# walls 0..3, colours 0..7, the agent; the paper's one-hot has one 1 per channel, so this is the same
-# observation, losslessly); actions (T,); subgoals (T,), the true g_t (for analysis only); next_colour (T,) and
-# optimal (T, 4), for the diagnostics. Grid pretraining never reuses an episode: every batch is fresh.
-# The ant's expert runs MuJoCo about 100x slower, so its D is a stored set of --n-train successful episodes
-# (obs (T+1, 41), actions (T, 8), subgoals (T,)), generated once by --workers processes and kept as data.pt.
+# walls 0..3, colours 0..7, the agent: the paper's one-hot, losslessly); actions (T,); subgoals (T,), the true
+# g_t (for analysis only); next_colour (T,) and optimal (T, 4), for the diagnostics. Every grid pretraining
+# batch is fresh. The ant's expert is ~100x slower, so its D is a stored set (obs (T+1, 41), actions (T, 8),
+# subgoals (T,)) of --n-train successful episodes, generated once by --workers processes, kept as data.pt.
 
 def generate_episodes(rng: np.random.Generator, n: int, tasks, epsilon: float) -> list:
     """n expert episodes, each on a task drawn uniformly from ``tasks``."""
     return [gw.expert_episode(rng, tasks[int(rng.integers(len(tasks)))], epsilon) for _ in range(n)]
 
-
 def collate(episodes: list, device) -> dict:
     """Pad episodes into a batch; ``mask`` (B, T) marks the real steps. The input at step t is o_t, the targets
     a_t and o_{t+1}; padded steps keep obs = 0 (on the grid a valid index) and every loss skips them."""
     T, grid = max(len(ep["actions"]) for ep in episodes), "cells" in episodes[0]
-
     def pad(arrays, fill, dtype):                        # B arrays (n_i, ...) -> (B, T, ...), padded with ``fill``
         out = np.full((len(arrays), T) + arrays[0].shape[1:], fill, dtype=dtype)
         for i, a in enumerate(arrays):
@@ -508,7 +449,6 @@ def collate(episodes: list, device) -> dict:
                  optimal=pad([ep["optimal"] for ep in episodes], False, bool))
     return b
 
-
 def bucketed_batches(rng: np.random.Generator, draw, size: int, n_bucket: int, device):
     """Endless stream of batches of ``size`` episodes; ``draw(n)`` returns n episodes. ``n_bucket`` batches'
     worth are drawn at once, sorted by length and cut into batches (so most padding disappears), then shuffled."""
@@ -518,11 +458,9 @@ def bucketed_batches(rng: np.random.Generator, draw, size: int, n_bucket: int, d
         for j in rng.permutation(len(chunks)):
             yield collate(chunks[j], device)
 
-
 def sample_from(rng: np.random.Generator, episodes: list):
     """A ``draw`` for bucketed_batches: episodes of a stored set (e.g. D*), with replacement."""
     return lambda n: [episodes[i] for i in rng.integers(len(episodes), size=n)]
-
 
 def batches_of(episodes: list, size: int, device):
     """Fixed-order, length-sorted batches of a stored set (for evaluation and feature extraction)."""
@@ -530,42 +468,26 @@ def batches_of(episodes: list, size: int, device):
     for i in range(0, len(order), size):
         yield collate([episodes[j] for j in order[i:i + size]], device)
 
-
 def ant_datasets(args: Args, log) -> dict:
     """The ant's stored sets D and D* (train and held-out each), kept in the checkpoint <out>/data.pt, and the
     expert's success rates (pretraining tasks: its D* attempts; the post-training task: --expert-eval episodes)."""
-    ss = np.random.SeedSequence(args.seed).spawn(6)          # 0-3 the sets, 4 batches and eval seeds, 5 expert_post
-
-    def generate() -> dict:
-        spec = {"train": (args.n_train, args.action_noise, ss[0], False),          # name: (n, noise, seeds, post)
-                "heldout": (args.n_heldout, args.action_noise, ss[1], False),
-                "dstar_train": (args.n_dstar, 0.0, ss[2], False), "dstar_heldout": (args.n_dstar, 0.0, ss[3], False),
-                "expert_post": (args.expert_eval, 0.0, ss[5], True)}          # attempts only: success rate
+    ss, ant = np.random.SeedSequence(args.seed).spawn(6), env_module("ant")   # ss[4]: batches and eval seeds
+    def generate() -> dict:                   # one tensor per field and set, so that weights_only loading works
         try:
-            sets, wins, tries = env_module("ant").generate_dataset(spec, args.workers, log=lambda msg: log("3 data", msg))
+            sets, expert = ant.expert_datasets(ss, args.n_train, args.n_heldout, args.n_dstar, args.expert_eval,
+                                               args.action_noise, args.workers, lambda msg: log("3 data", msg))
         except RuntimeError as e:
             die(str(e))
-        star = ("dstar_train", "dstar_heldout")
-        expert = {"pretrain": sum(wins[k] for k in star) / sum(tries[k] for k in star),
-                  "posttrain": wins["expert_post"] / tries["expert_post"]}
-        del sets["expert_post"]                    # one tensor per field and set, so that weights_only loading works
-        return {"expert": expert, "sets": {name: {
-            **{k: torch.from_numpy(np.concatenate([ep[k] for ep in eps])) for k in ("obs", "actions", "subgoals")},
-            "lengths": torch.tensor([len(ep["actions"]) for ep in eps])} for name, eps in sets.items()}}
+        return {"expert": expert, "sets": {k: {f: torch.from_numpy(v) for f, v in d.items()} for k, d in sets.items()}}
 
     ck, status = run_stage(args, "data", "", log, generate)
-    out = {}
-    for name, d in ck["sets"].items():                      # back to a list of episodes (numpy views)
-        n = d["lengths"].tolist()
-        parts = zip(d["obs"].split([k + 1 for k in n]), d["actions"].split(n), d["subgoals"].split(n))
-        out[name] = [{"obs": o.numpy(), "actions": a.numpy(), "subgoals": g.numpy()} for o, a, g in parts]
+    out = {k: ant.split_episodes({f: v.numpy() for f, v in d.items()}) for k, d in ck["sets"].items()}
     out.update(train_rng=np.random.default_rng(ss[4].spawn(1)[0]),              # batch sampling
                eval_seed=int(np.random.default_rng(ss[4]).integers(2 ** 31)),  # env seeds for rollouts
                expert=ck["expert"], checksum=ck["checksum"], status=status)    # (main() chains the checksum)
     log("3 data", f"the expert: success {ck['expert']['pretrain']:.3f} on pretraining tasks (D* attempts), "
         f"{ck['expert']['posttrain']:.3f} on the post-training task ({args.expert_eval} episodes)")
     return out
-
 
 def make_datasets(args: Args, log=None) -> dict:
     """The fixed sets: held-out D, and D* (epsilon = 0) split by episode into train and held-out halves. Each has
@@ -582,22 +504,14 @@ def make_datasets(args: Args, log=None) -> dict:
 
 # ---------------------------------------------------------------------------------------------------
 # 4. The base model: a causal transformer with an explicit residual stream       [Sec. 4, App. D.1]
-# The paper's base model is an ordinary autoregressive sequence model: one token per time step (the embedded
-# observation o_t), causal self-attention over the past, and at every step a distribution over the action a_t
-# and the next observation o_{t+1} (Eq. 5). No action tokens: the previous action can be read off o_{t-1}, o_t.
-# What matters for the rest of the paper is the *residual stream*: every pre-norm block reads the running vector
-# e_{t,l-1} and adds its output to it, e_{t,l} = e_{t,l-1} + attn(...) + mlp(...). The stream is a workspace
-# that every later block reads, so a linear edit at one depth (section 8) is seen by all blocks above it.
-# Object attention (grid, --obj-attn; a deviation: the paper's blocks attend over time only): the input
-# embedding *sums* the 12 object embeddings of a step, so to walk to one colour among the others the MLPs must
-# pull "where is colour c" back out of that sum. In the blocks listed, the token also attends over its own
-# step's 12 objects (keys = values = the rows the input summed): "look up the object I am heading for".
-#
-#   Symbol      | Shape      | Meaning
-#   obs         | (B, T, 13) | observations o_1..o_T in index form (section 3; the ant: (B, T, 41) floats)
-#   e_{t,l}     | (B, T, D)  | residual after block l; l = 0 is the input embedding
-#   act out     | (B, T, 4)  | logits of p(a_t | o_{1:t}) (the ant: the mean (B, T, 8) of a Gaussian)
-#   obs out     | (B, T, 49) | logits of p(agent cell of o_{t+1} | o_{1:t}) (the ant: a prediction of o_{t+1})
+# An ordinary autoregressive model: one token per time step (the embedded o_t), causal self-attention over the
+# past, and at every step a distribution over the action a_t and the next observation o_{t+1} (Eq. 5). No
+# action tokens: the previous action can be read off o_{t-1}, o_t. What matters later is the *residual stream*:
+# every pre-norm block adds its output to the running vector, e_{t,l} = e_{t,l-1} + attn(...) + mlp(...), a
+# workspace every later block reads, so a linear edit at one depth (section 8) is seen by all blocks above it.
+# Object attention (grid, --obj-attn; a deviation): the input embedding *sums* a step's 12 object embeddings,
+# so to walk to one colour the MLPs must pull "where is colour c" back out of that sum. In the blocks listed,
+# the token also attends over its own step's objects (keys = values = the rows summed): "look up my target".
 def relative_buckets(n: int, num_buckets: int, max_distance: int = 128) -> torch.Tensor:
     """T5-style causal buckets of the distance d = t_query - t_key >= 0 (Table A16): one per distance below
     num_buckets/2, then log-spaced up to max_distance. No absolute positions: attention depends only on how far
@@ -608,21 +522,20 @@ def relative_buckets(n: int, num_buckets: int, max_distance: int = 128) -> torch
                      * (num_buckets - exact)).long()
     return torch.where(d < exact, d, log_b.clamp(max=num_buckets - 1))       # (n, n) bucket ids
 
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, args: Args):
         super().__init__()
         self.n_head, D = args.n_head, args.n_embd
-        self.c_attn = nn.Linear(D, 3 * D)
-        self.c_proj = nn.Linear(D, D)
+        self.c_attn = nn.Linear(D, 3 * D)                                                 # q, k, v of all heads at once
+        self.c_proj = nn.Linear(D, D)  # the heads, mixed back into the stream
         self.rel_bias = nn.Embedding(args.rel_buckets, args.n_head)            # one learned bias per bucket and head
         nn.init.zeros_(self.rel_bias.weight)                                    # 0 at first: plain causal attention
 
     def forward(self, x, buckets, cache=None):
-        B, T, D = x.shape
-        q, k, v = self.c_attn(x).split(D, dim=2)
+        B, T, D = x.shape                                                                 # x = LN(e_{l-1}) (B, T, D)
+        q, k, v = self.c_attn(x).split(D, dim=2)                                          # each (B, T, D)
         q, k, v = (z.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
-        t0 = 0
+        t0 = 0  # the time step of this call's first token
         if cache is not None:                       # KV cache: write this call's keys/values after the past ones
             if "k" not in cache:                    # buffers for the longest episode (no O(T^2) re-copying)
                 cache.update(k=k.new_zeros(B, self.n_head, len(buckets), D // self.n_head), t=0)
@@ -630,7 +543,7 @@ class CausalSelfAttention(nn.Module):
             t0 = cache["t"]
             cache["k"][:, :, t0:t0 + T], cache["v"][:, :, t0:t0 + T], cache["t"] = k, v, t0 + T
             k, v = cache["k"][:, :, :t0 + T], cache["v"][:, :, :t0 + T]                  # (B, nh, t0+T, hs)
-        S = k.shape[2]
+        S = k.shape[2]  # steps attended to: the cached past + this call's
         bias = self.rel_bias(buckets[t0:t0 + T, :S]).permute(2, 0, 1)                  # (nh, T, S)
         future = torch.arange(S, device=x.device)[None, :] > torch.arange(t0, t0 + T, device=x.device)[:, None]
         bias = bias.masked_fill(future, float("-inf"))                                 # causal mask
@@ -640,10 +553,8 @@ class CausalSelfAttention(nn.Module):
             y = ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + bias).softmax(-1) @ v
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))                         # (B, T, D)
 
-
 class ObjectAttention(nn.Module):
     """Each step's token attends over that step's objects (keys = values = their embeddings); see above."""
-
     def __init__(self, args: Args):
         super().__init__()
         self.n_head = args.n_head
@@ -656,10 +567,8 @@ class ObjectAttention(nn.Module):
         w = ((q * kv).sum(-1) / math.sqrt(D // self.n_head)).softmax(2)          # (B, T, 12, nh) over objects
         return self.proj((w[..., None] * kv).sum(2).reshape(B, T, D))            # (B, T, D)
 
-
 class Block(nn.Module):
     """Pre-norm residual block [App. D.1.1]: e <- e + Attn(LN(e)); [e <- e + ObjAttn(LN(e))]; e <- e + MLP(LN(e))."""
-
     def __init__(self, args: Args, objects: bool = False):
         super().__init__()
         D = args.n_embd
@@ -672,34 +581,31 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), buckets, cache)                          # over time (causal)
         if self.obj_attn is not None:
             x = x + self.obj_attn(self.ln_o(x), objs)                            # over this step's objects
-        x = x + self.mlp(self.ln_2(x))
-        return x
-
+        x = x + self.mlp(self.ln_2(x))                                                    # position-wise MLP
+        return x                                                                          # e_{t,l} (B, T, D)
 
 ANT_OBS_DIM, ANT_MAX_STEPS = 41, 500          # ant_tasks.OBS_DIM, MAX_STEPS (a test checks they agree)
 # Object type of each of the 12 object channels in index form: the 4 walls share type 8, colours are 0..7.
 OBJ_TYPE = torch.tensor([8] * gw.N_WALLS + list(range(gw.N_COLOURS)))
 N_OFFSETS = (2 * gw.GRID - 1) ** 2          # 13 x 13 possible (row, col) offsets between two cells
 
-
 class GPT(nn.Module):
     """Causal transformer over one token per time step [Sec. 4, Eq. 5]. forward() returns e_{t,l} for every l,
     and adds a controller ``ctrl`` (x -> U x) at layer ``ctrl_layer``: e <- e + U e (Eq. 1), unseen by the
     blocks above. Only the input embedding and the heads differ between the grid (4 actions) and the ant (8
     torques, a Gaussian head)."""
-
     def __init__(self, args: Args):
         super().__init__()
         D, self.n_layer, self.task = args.n_embd, args.n_layer, args.task
         if args.task == "grid":
             # agent-centred (a choice the paper leaves open): E_agent[agent cell] + sum_objects E_obj[type, offset]
-            self.agent_emb = nn.Embedding(gw.N_CELLS, D)
-            self.obj_emb = nn.Embedding(9 * N_OFFSETS, D)
+            self.agent_emb = nn.Embedding(gw.N_CELLS, D)                                  # E_agent: one row per cell
+            self.obj_emb = nn.Embedding(9 * N_OFFSETS, D)  # E_obj: one row per (object type, offset)
             self.register_buffer("obj_type", OBJ_TYPE.clone(), persistent=False)
         else:
             self.obs_emb = nn.Linear(ANT_OBS_DIM, D)         # the ant's observation is already a feature vector
         objects = obj_attn_blocks(args)                                          # blocks with object attention
-        self.blocks = nn.ModuleList([Block(args, l in objects) for l in range(1, args.n_layer + 1)])
+        self.blocks = nn.ModuleList([Block(args, l in objects) for l in range(1, args.n_layer + 1)])  # blocks 1..L
         self.ln_f = nn.LayerNorm(D)
         if args.task == "grid":
             self.action_head = nn.Linear(D, 4)                                   # logits of p(a_t | o_{1:t})
@@ -711,9 +617,8 @@ class GPT(nn.Module):
         max_steps = gw.MAX_STEPS if args.task == "grid" else ANT_MAX_STEPS
         self.register_buffer("buckets", relative_buckets(max_steps + 1, args.rel_buckets), persistent=False)
         # GPT-2 init: N(0, 0.02) weights, zero biases; the relative-bias embeddings keep their zeros
-        if args.task == "grid":
-            nn.init.normal_(self.agent_emb.weight, std=0.02)
-            nn.init.normal_(self.obj_emb.weight, std=0.02)
+        for emb in [self.agent_emb, self.obj_emb] if args.task == "grid" else []:
+            nn.init.normal_(emb.weight, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
@@ -738,11 +643,11 @@ class GPT(nn.Module):
 
     def forward(self, obs, ctrl=None, ctrl_layer: int = -1, cache=None):
         """obs (B, T, 13) -> action logits (B, T, 4), next-cell logits (B, T, 49), residuals [L+1 x (B, T, D)]
-        (the ant: (B, T, 41) -> means (B, T, 8), next obs (B, T, 41), residuals). With ``cache`` (new_cache())
-        the call continues the sequence it holds: rollouts feed one step at a time. residuals[l] is e_{t,l}
+        (the ant: (B, T, 41) -> means (B, T, 8), next obs (B, T, 41), residuals). With ``cache`` (one dict per
+        block) the call continues the sequence it holds: rollouts feed one step at a time. residuals[l] is e_{t,l}
         before any controller at layer l."""
         x, objs = self.embed(obs)                                                # e_{t,0}   (B, T, D)
-        residuals = [x]
+        residuals = [x]                                                                   # residuals[l] = e_{t,l}
         if ctrl is not None and ctrl_layer == 0:
             x = x + ctrl(x)                                                      # ALGO LOGIC: Eq. 1 at l = 0
         for l, block in enumerate(self.blocks, start=1):
@@ -750,17 +655,14 @@ class GPT(nn.Module):
             residuals.append(x)
             if ctrl is not None and l == ctrl_layer:
                 x = x + ctrl(x)                                                  # ALGO LOGIC: Eq. 1: e <- e + U e
-        h = self.ln_f(x)
+        h = self.ln_f(x)                                                                  # (B, T, D)
         return self.action_head(h), self.obs_head(h), residuals
-
-    def new_cache(self) -> list:
-        return [dict() for _ in self.blocks]
 
     # What an action is differs by task; these four methods are the only place that knows.
     def action_nll(self, act_out, actions, mask):
         """Mean -ln p(a_t | o_{1:t}) over real steps: cross-entropy (grid) or Gaussian NLL summed over joints (ant)."""
         if self.task == "grid":
-            return F.cross_entropy(act_out[mask], actions[mask])
+            return F.cross_entropy(act_out[mask], actions[mask])                          # -ln softmax(logits)[a_t]
         return -self.action_logp(act_out, actions)[mask].mean()
 
     def action_logp(self, act_out, actions):
@@ -779,8 +681,8 @@ class GPT(nn.Module):
 
     def obs_loss(self, obs_out, b):
         """The next-observation term of Eq. 5: cross-entropy of the agent's next cell (grid), squared error (ant)."""
-        if self.task == "grid":
-            return masked_ce(obs_out, b["next_obs"])
+        if self.task == "grid":                                                  # target -1: padding
+            return F.cross_entropy(obs_out.flatten(0, 1), b["next_obs"].flatten(), ignore_index=-1)
         return ((obs_out - b["next_obs"]) ** 2).mean(-1)[b["mask"]].mean()
 
     # forward() cut in two at layer l (Alg. 1-2: lower_blocks, upper_blocks): the metacontroller reads e_{t,l} =
@@ -789,7 +691,7 @@ class GPT(nn.Module):
     def lower(self, obs, layer: int):
         """obs (B, T, 13) -> e_{t,layer} (B, T, D): the embedding and blocks 1..layer."""
         x, objs = self.embed(obs)                                                # e_{t,0}   (B, T, D)
-        for block in self.blocks[:layer]:
+        for block in self.blocks[:layer]:  # no controller below ``layer``
             x = block(x, self.buckets, None, objs)
         return x                                                                 # e_{t,layer} (B, T, D)
 
@@ -801,17 +703,11 @@ class GPT(nn.Module):
         return self.action_head(self.ln_f(x))                                    # (B, T, 4)
 
 
-def masked_ce(logits, target):
-    """Mean cross-entropy over non-padded steps (target -1 = padding)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-1)
-
-
 # ---------------------------------------------------------------------------------------------------
 # 5. Rollouts: the frozen model, optionally controlled, acting in the env
-# Every evaluation rolls the model out: at step t it sees o_{1:t} (the whole history, as in pretraining), an
-# action is sampled from p(a_t | o_{1:t}) and the env returns o_{t+1}. Each attention layer keeps the keys and
-# values of the past steps (a KV cache), so a step computes only the new token (a test checks this equals one
-# full forward). n envs run side by side, one batched forward per step.
+# At step t the model sees o_{1:t} (the whole history, as in pretraining), a_t is sampled from p(a_t | o_{1:t})
+# and the env returns o_{t+1}. Each attention layer keeps the past keys and values (a KV cache), so a step
+# computes only the new token (a test checks this equals one full forward); n envs step side by side.
 @torch.no_grad()
 def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_layer: int = -1,
             pretrain_tasks: bool = False, record: bool = False) -> dict:
@@ -822,31 +718,29 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
     E = env_module(model.task)                      # env classes, not gymnasium's vector envs: no autoreset
     make = E.GridPinpadEnv if model.task == "grid" else E.AntPinpadEnv
     envs = [make(max_steps=E.MAX_STEPS) for _ in range(n)]          # (the limit is read here: tests shorten it)
-    infos, inputs = [], []
+    infos, inputs = [], []  # per env: its last info (the true subgoal), o_t
     for i, env in enumerate(envs):
         t = E.PRETRAIN_TASKS[i % len(E.PRETRAIN_TASKS)] if pretrain_tasks else task
         obs, info = env.reset(seed=seed + i, options={"task": t})
         infos.append(info)
         inputs.append(env.cells() if model.task == "grid" else obs)   # the model's input form of o_1
     gen = torch.Generator(device=device).manual_seed(seed)   # its own generator: evaluating shifts no training
-    cache, alive = model.new_cache(), np.ones(n, dtype=bool)
-    steps = np.zeros(n, dtype=np.int64)
-    seen, taken = [], []                                                                # for ``record``
+    cache, alive, steps = [{} for _ in model.blocks], np.ones(n, dtype=bool), np.zeros(n, dtype=np.int64)
+    seen, taken = [], []                                                   # inputs and actions, for ``record``
     for _ in range(E.MAX_STEPS):
         x = torch.tensor(np.array(inputs), device=device)[:, None]                     # (n, 1, 13)
         g = torch.tensor([info["subgoal"] for info in infos], device=device)[:, None]   # (n, 1)
         ctrl = None if ctrl_fn is None else (lambda e: ctrl_fn(e, g))          # told the true subgoal (analysis)
         act_out, _, _ = model(x, ctrl, ctrl_layer, cache)                               # (n, 1, 4)
         acts = model.sample(act_out[:, 0], gen)                                         # (n,) or (n, 8)
-        if record:
-            seen.append(x[:, 0])
-            taken.append(acts)
+        seen.append(x[:, 0])                                                            # (n, 13)
+        taken.append(acts)
         acts = acts.tolist() if model.task == "grid" else acts.cpu().numpy()
         for i, env in enumerate(envs):
             if alive[i]:                 # finished episodes keep feeding their last observation (ignored)
                 obs, _, term, trunc, infos[i] = env.step(acts[i])
                 inputs[i] = env.cells() if model.task == "grid" else obs
-                steps[i] += 1
+                steps[i] += 1                                                             # lengths, for ``record``
                 alive[i] = not (term or trunc)
         if not alive.any():
             break
@@ -859,45 +753,32 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
     return out
 
 
-def rollout_pair(model: GPT, n: int, seed: int, device, **kw) -> tuple:
-    """The fixed evaluation of section 8: n episodes of the pretraining tasks and n of the post-training task."""
-    post = env_module(model.task).POSTTRAIN_TASK
-    return (rollout(model, None, n, seed, device, pretrain_tasks=True, **kw),
-            rollout(model, post, n, seed + 10 ** 6, device, **kw))
-
-
 # ---------------------------------------------------------------------------------------------------
 # 6. Stage "pretrain": next-action prediction                                   [Eq. 5, App. C.1]
 #     L(theta) = sum_t [ -ln p(a_t | o_{1:t}) - lambda ln p(o_{t+1} | o_{1:t}) ]                   (Eq. 5)
-# Nothing here mentions subgoals: expert trajectories on the 16 pretraining tasks, no task label, no reward. To
-# predict the expert's next move, though, the model has to work out in context which colour it is heading
-# for, which depends on the colours visited before (the pair rule: after colour 2k comes 2k+1; which pair
-# comes next depends on the task). The paper's claim is that this latent "current subgoal" then sits linearly
-# in the mid-depth residual stream (section 7) and can be steered (section 8). Whether the model has started
-# to track the task shows in the pair-rule split of action_metrics(), logged at every evaluation.
+# Nothing here mentions subgoals: no task label, no reward. To predict the expert's next move, though, the model
+# must infer in context which colour it is heading for, from the colours visited before (the pair rule: after
+# colour 2k comes 2k+1; which pair comes next depends on the task). The paper's claim: this latent "current
+# subgoal" then sits linearly in the mid-depth residual stream (section 7) and can be steered (section 8). The
+# pair-rule split of action_metrics(), logged at every evaluation, shows whether the model tracks the task.
 @torch.no_grad()
 def action_metrics(model: GPT, episodes: list, device) -> dict:
-    """Held-out action NLL and accuracy, and the pair-rule split: ``opt_acc_ambiguous`` is how often the argmax
-    is an optimal expert action on steps heading to the *first* colour of a pair (which pair comes next is at
-    best partly known from the history), ``opt_acc_pair`` on steps heading to the *second* (fully set by the
-    colour just visited). A model that tracks the task has pair >> ambiguous; local heuristics give them equal.
-    The ant: held-out NLL and the squared error of the mean action per joint (``mse``)."""
+    """Held-out action NLL (the ant: Gaussian, summed over joints), and on the grid the accuracy and the pair-rule
+    split: ``opt_acc_ambiguous`` is how often the argmax is an optimal expert action on steps heading to the
+    *first* colour of a pair (which pair comes next is at best partly known from the history), ``opt_acc_pair``
+    on steps heading to the *second* (fully set by the colour just visited). A model that tracks the task has
+    pair >> ambiguous; local heuristics give them equal."""
     model.eval()
-    if model.task == "ant":
-        nll, se, n = 0.0, 0.0, 0
-        for b in batches_of(episodes, 32, device):
-            mean, m = model(b["obs"])[0], b["mask"]                                   # (B, T, 8), (B, T)
-            nll -= model.action_logp(mean, b["actions"])[m].sum().item()
-            se += ((mean - b["actions"]) ** 2).mean(-1)[m].sum().item()
-            n += int(m.sum())
-        model.train()
-        return {"nll": nll / n, "mse": se / n}
     nll, n, acc, hit = 0.0, 0, 0, {0: [0, 0], 1: [0, 0]}                   # parity -> [optimal argmax, steps]
-    for b in batches_of(episodes, 256, device):
-        logits, m = model(b["obs"])[0], b["actions"] >= 0                              # (B, T, 4), (B, T)
-        nll += F.cross_entropy(logits[m], b["actions"][m], reduction="sum").item()
+    for b in batches_of(episodes, 256 if model.task == "grid" else 32, device):
+        act_out, m = model(b["obs"])[0], b["mask"]                                     # (B, T, 4), (B, T)
+        if model.task == "ant":
+            nll -= model.action_logp(act_out, b["actions"])[m].sum().item()
+            n += int(m.sum())
+            continue
+        nll += F.cross_entropy(act_out[m], b["actions"][m], reduction="sum").item()       # summed over real steps
         n += int(m.sum())
-        pred = logits.argmax(-1)
+        pred = act_out.argmax(-1)                                                         # (B, T) the greedy action
         acc += int((pred == b["actions"])[m].sum())
         opt = b["optimal"].gather(-1, pred[..., None])[..., 0]                       # (B, T) argmax optimal?
         for parity in (0, 1):                                                          # heading to colour 2k / 2k+1
@@ -905,16 +786,16 @@ def action_metrics(model: GPT, episodes: list, device) -> dict:
             hit[parity][0] += int(opt[mm].sum())
             hit[parity][1] += int(mm.sum())
     model.train()
+    if model.task == "ant":
+        return {"nll": nll / n}
     return {"nll": nll / n, "acc": acc / n, "opt_acc_ambiguous": hit[0][0] / max(hit[0][1], 1),
             "opt_acc_pair": hit[1][0] / max(hit[1][1], 1)}
-
 
 def lr_factor(step: int, args: Args) -> float:
     """Linear warm-up, constant (as Table A4), then a linear cool-down to 0 over the last ``cooldown`` fraction."""
     cool = args.cooldown * args.pretrain_steps
     left = (args.pretrain_steps - step) / cool if cool > 0 else 1.0
     return min(1.0, (step + 1) / max(args.warmup, 1), left)
-
 
 def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
     """Train the base model from scratch on expert batches (grid: fresh ones; ant: drawn from the stored D).
@@ -935,7 +816,7 @@ def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
         b = next(stream)
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_factor(step - 1, args)
-        act_out, obs_out, _ = model(b["obs"])
+        act_out, obs_out, _ = model(b["obs"])                                             # (B, T, 4), (B, T, 49)
         loss_a = model.action_nll(act_out, b["actions"], b["mask"])                  # -ln p(a_t | o_{1:t})
         loss_o = model.obs_loss(obs_out, b)                                           # -ln p(o_{t+1} | o_{1:t})
         loss = loss_a + args.obs_coef * loss_o                                        # ALGO LOGIC: Eq. 5
@@ -954,26 +835,23 @@ def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
             te = time.time()
             m = action_metrics(model, data["heldout"], device)
             curve.append({"step": step, "minutes": (time.time() - t0) / 60, **m})
-            fit = (f"acc {m['acc']:.3f} | optimal-action acc ambiguous {m['opt_acc_ambiguous']:.3f} / pair-determined "
-                   f"{m['opt_acc_pair']:.3f}" if args.task == "grid" else f"mean-action squared error {m['mse']:.4f}")
-            log("6 pretrain", f"eval step {step} | held-out nll {m['nll']:.3f} | {fit} ({time.time() - te:.0f}s)", **curve[-1])
+            fit = "" if args.task == "ant" else (f" | acc {m['acc']:.3f} | optimal-action acc ambiguous "
+                                                 f"{m['opt_acc_ambiguous']:.3f} / pair-determined {m['opt_acc_pair']:.3f}")
+            log("6 pretrain", f"eval step {step} | held-out nll {m['nll']:.3f}{fit} ({time.time() - te:.0f}s)", **curve[-1])
             t0, t_log = t0 + time.time() - te, t_log + time.time() - te             # evaluation is not training time
-    m = curve[-1]                                     # the last step is always evaluated
-    metrics = {"steps": step, "episodes": step * args.batch_size, "heldout_nll": m["nll"],
-               **({"heldout_acc": m["acc"], "opt_acc_ambiguous": m["opt_acc_ambiguous"], "opt_acc_pair": m["opt_acc_pair"]}
-                  if args.task == "grid" else {"heldout_mse": m["mse"]}),
+    m = {("heldout_" + k if k in ("nll", "acc") else k): v for k, v in curve[-1].items() if k not in ("step", "minutes")}
+    metrics = {"steps": step, "episodes": step * args.batch_size, **m,          # the last step is always evaluated
                "train_time_s": time.time() - t0, "n_params": n_params, "curve": curve}
     return {"model": model.state_dict(), "metrics": metrics}
 
 
 # ---------------------------------------------------------------------------------------------------
 # 7. Stage "probe": linear probes of the current subgoal                 [Sec. 5.1, Eq. 6-7, Fig. 3/A1]
-# Is the current subgoal g_t (the colour pair the expert is working on) *linearly* readable from e_{t,l}? For
-# each layer we fit p(g_t = g | e_{t,l}) = softmax(W_l e_{t,l} + b_l)_g (Eq. 6-7) on the frozen model's
-# residuals of held-out D* episodes and score it on other episodes (split by episode: steps of one episode are
-# correlated). The paper sees ~0.3 at the input rise to ~0.5 mid-depth (Fig. A1). The label is the subgoal's
-# identity, not its index within the task (a bug of one public re-implementation). Compare with layer 0: the
-# agent-centred input alone reads the subgoal above chance, as the agent is usually near its target.
+# Is the current subgoal g_t (the colour pair being worked on) *linearly* readable from e_{t,l}? Per layer we fit
+# p(g_t = g | e_{t,l}) = softmax(W_l e_{t,l} + b_l)_g (Eq. 6-7) on held-out D* episodes and score it on others
+# (split by episode: its steps are correlated). The paper sees ~0.3 at the input rise to ~0.5 mid-depth (Fig. A1).
+# The label is the subgoal's identity, not its index in the task (a public re-implementation's bug). Compare
+# with layer 0: the agent-centred input reads the subgoal above chance, as the agent is usually near its target.
 @torch.no_grad()
 def residual_features(model: GPT, episodes: list, device) -> tuple:
     """Residuals of every real step at every layer and their subgoal labels: ([L+1 x (N, D)], (N,))."""
@@ -988,31 +866,28 @@ def residual_features(model: GPT, episodes: list, device) -> tuple:
     model.train()
     return [torch.cat(f) for f in feats], torch.cat(labels)
 
-
 def train_probe(x_tr, y_tr, x_te, y_te, steps: int, lr: float) -> float:
     """Softmax probe p(g | e) = softmax(W e + b) (Eq. 6-7), full-batch AdamW; returns held-out accuracy."""
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-5       # standardise (train stats): one lr fits every layer, still linear
-    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
+    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd                                       # (N, D) each
     probe = nn.Linear(x_tr.shape[1], int(max(y_tr.max(), y_te.max())) + 1).to(x_tr.device)  # one output per subgoal id
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
     for _ in range(steps):
-        loss = F.cross_entropy(probe(x_tr), y_tr)
+        loss = F.cross_entropy(probe(x_tr), y_tr)                                         # -ln p(g_t | e_{t,l}) (Eq. 7)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     with torch.no_grad():
         return float((probe(x_te).argmax(-1) == y_te).float().mean())
 
-
 def probe_all(model: GPT, episodes: list, layers: list, device, steps: int, lr: float) -> list:
     """Held-out probe accuracy at each layer; episodes split in halves (by episode, never by step)."""
     half = len(episodes) // 2
-    f_tr, y_tr = residual_features(model, episodes[:half], device)
+    f_tr, y_tr = residual_features(model, episodes[:half], device)                        # [L+1 x (N, D)], (N,)
     f_te, y_te = residual_features(model, episodes[half:], device)
     with torch.random.fork_rng():          # probes must not shift the caller's random stream
         torch.manual_seed(0)
         return [train_probe(f_tr[l], y_tr, f_te[l], y_te, steps, lr) for l in layers]
-
 
 def probe_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
     """A probe at every layer 0..L; returns the checkpoint {"metrics"}."""
@@ -1029,56 +904,38 @@ def probe_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict
 # ---------------------------------------------------------------------------------------------------
 # 8. Stage "controllers": ground-truth residual-stream controllers        [Eq. 1, Sec. 5.2, Fig. 4, Table A7]
 # Probing says the information is there; control asks whether the model *uses* it. Eq. 1 inserts a linear
-# controller into the residual stream at layer l, e_{t,l} <- e_{t,l} + U_t e_{t,l}, and blocks l+1..L process
-# the edited stream as if nothing happened. One controller per subgoal g, low-rank as in LoRA: U^(g) = A_g B_g^T
-# with A_g, B_g in R^{D x r} (the ant: full rank, Table A8); the true subgoal picks U_t = U^(g_t) at every step.
-# If the stream encodes the subgoal linearly, such a U can *steer* the frozen model toward it, and switching
-# controllers in the right order should solve subgoal orders never seen in pretraining.
-#
-#   Symbol  | Shape        | Meaning
-#   A, B    | (G, D, r)    | factors of the G controllers (only these train; the base is frozen)
-#   g       | (B, T)       | the true subgoal per step (from the env's info or the dataset)
-#   U^(g)   | (D, D)       | A_g B_g^T, never formed in training (the factors are applied one after the other)
-#
+# controller at layer l, e_{t,l} <- e_{t,l} + U_t e_{t,l}, and blocks l+1..L process the edited stream as if
+# nothing happened. One controller per subgoal g, low-rank as in LoRA: U^(g) = A_g B_g^T, A_g, B_g in R^{D x r}
+# (the ant: full rank, Table A8); the true subgoal picks U_t = U^(g_t). If the stream encodes the subgoal
+# linearly, U can *steer* the frozen model, and switching controllers in the right order should solve subgoal
+# orders pretraining never showed.
 # Training minimises -sum_t ln p(a_t | o_{1:t}, g_t) on D* (Table A7). Evaluation switches controllers by the
-# env's true subgoal and counts successes on the pretraining tasks (does it steer at all?) and on the
-# post-training task 0-1-2-3-4-5-6-7-0-1-2-3 (does steering compose into an unseen subgoal order?). The paper
-# finds mid-depth (L/2) works best (Fig. 4).
-
-def apply_controller(x, A, Bm):
-    """U x with U = A B^T, without forming U: x (..., D), A and Bm (..., D, r) -> (..., D)."""
-    coef = torch.einsum("...d,...dr->...r", x, Bm)                               # B^T x    (..., r)
-    return torch.einsum("...dr,...r->...d", A, coef)                             # A B^T x  (..., D)
-
+# env's true subgoal and counts successes on the pretraining tasks (does it steer?) and on the post-training task
+# 0-1-2-3-4-5-6-7-0-1-2-3 (does steering compose into an unseen order?). The paper finds L/2 best (Fig. 4).
 
 class SubgoalControllers(nn.Module):
     """G low-rank controllers, picked per step by the subgoal g (B, T); A starts at 0 (U = 0: the identity)."""
-
     def __init__(self, G: int, D: int, rank: int):
         super().__init__()
         self.A = nn.Parameter(torch.zeros(G, D, rank))                           # (G, D, r)
         self.B = nn.Parameter(torch.randn(G, D, rank) / math.sqrt(D))            # (G, D, r)
 
     def forward(self, x, g):
-        """x (B, T, D), g (B, T) -> U^(g_t) x_t (B, T, D): apply_controller(x, self.A[g], self.B[g]) without a copy
-        of the factors per step (all G controllers' B^T x, keep the picked one, then apply A)."""
+        """x (B, T, D), g (B, T) -> U^(g_t) x_t = A_g (B_g^T x_t) (B, T, D), without a copy of the factors per step
+        (all G controllers' B^T x, keep the picked one, then apply A)."""
         onehot = F.one_hot(g, self.A.shape[0]).to(x.dtype)                       # (B, T, G)
         coef = torch.einsum("btd,gdr->btgr", x, self.B) * onehot[..., None]      # B_g^T x   (B, T, G, r)
         return torch.einsum("btgr,gdr->btd", coef, self.A)                       # ALGO LOGIC: U_t x = A_g B_g^T x
 
-    def U(self, k: int):
-        return self.A[k] @ self.B[k].T                                           # (D, D), rank <= r
-
-
 def train_controllers(args: Args, model: GPT, layer: int, episodes: list, device, log: Logger) -> SubgoalControllers:
     """Minimise sum_t -ln p(a_t | o_{1:t}, g_t) on D*; the base model is frozen, so gradients reach only A and B."""
     model.requires_grad_(False).eval()
-    G = env_module(args.task).N_SUBGOALS
+    G = env_module(args.task).N_SUBGOALS                                                  # one controller per subgoal
     ctrl = SubgoalControllers(G, args.n_embd, args.ctrl_rank or args.n_embd).to(device)           # rank 0: full
     opt = torch.optim.AdamW(ctrl.parameters(), lr=args.ctrl_lr, weight_decay=args.weight_decay)
     rng, t0 = np.random.default_rng(args.seed + 100 + layer), time.time()
     for step in range(1, args.ctrl_steps + 1):
-        idx = rng.integers(len(episodes), size=args.ctrl_batch)
+        idx = rng.integers(len(episodes), size=args.ctrl_batch)  # a batch of D* episodes, with replacement
         b = collate([episodes[i] for i in idx], device)
         g = b["subgoals"].clamp(min=0)                                           # padding -> any id (masked)
         act_out, _, _ = model(b["obs"], lambda x: ctrl(x, g), layer)             # Eq. 1 at ``layer``
@@ -1092,94 +949,68 @@ def train_controllers(args: Args, model: GPT, layer: int, episodes: list, device
                 f"{eta(t0, step, args.ctrl_steps)}", layer=layer, step=step, nll=loss.item())
     return ctrl
 
-
-@torch.no_grad()
-def controlled_nll(model: GPT, ctrl, layer: int, episodes: list, device) -> float:
-    """Mean -ln p(a_t | o_{1:t}, g_t) on ``episodes`` with the controllers ``ctrl`` (None: the base model alone)."""
-    total, n = 0.0, 0                                                        # summed NLL, real steps
-    for b in batches_of(episodes, 256, device):
-        g = b["subgoals"].clamp(min=0)                                           # padding -> any id (masked)
-        act_out, _, _ = model(b["obs"], None if ctrl is None else (lambda x: ctrl(x, g)), layer)
-        m = b["mask"]
-        total -= model.action_logp(act_out, b["actions"])[m].sum().item()
-        n += int(m.sum())
-    return total / n
-
-
 def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
     """Train and evaluate ground-truth controllers at each layer of --ctrl-layers (Fig. 4's x-axis), beside the
     base model alone (on pretraining tasks it can only guess the task: a perfect pair rule without task knowledge
     succeeds in ~1/16 of episodes). Returns the checkpoint: the ``metrics`` and the ``controllers`` per layer."""
     t0, post_task = time.time(), env_module(args.task).POSTTRAIN_TASK
-    ev = dict(n=args.n_eval, seed=data["eval_seed"], device=device)
-    held = data["dstar_heldout"][:args.n_probe // 2]
-    base_pre, base_post = rollout_pair(model, **ev)
+    n_post, ev = len(post_task), dict(n=args.n_eval, device=device)
+    rollout_pair = lambda **kw: (rollout(model, None, seed=data["eval_seed"], pretrain_tasks=True, **ev, **kw),
+                                 rollout(model, post_task, seed=data["eval_seed"] + 10 ** 6, **ev, **kw))
+    base_pre, base_post = rollout_pair()        # the fixed evaluation: pretraining tasks, post-training task
     log("8 controllers", f"base model alone: success pretraining tasks {base_pre['success']:.3f}, "
-        f"post-training task {base_post['success']:.3f} ({base_post['colours']:.1f} of {len(post_task)} colours)")
-    layers, per_layer, states = ctrl_layers(args), {}, {}
-    for i, layer in enumerate(layers):
-        ctrl = train_controllers(args, model, layer, data["dstar_train"], device, log)
-        nll = controlled_nll(model, ctrl, layer, held, device)
-        pre, post = rollout_pair(model, ctrl_fn=ctrl, ctrl_layer=layer, **ev)
-        per_layer[layer], states[str(layer)] = (nll, pre, post), ctrl.state_dict()
-        log("8 controllers", f"layer {layer}: held-out D* nll {nll:.3f} | success pretraining tasks {pre['success']:.3f} "
-            f"| post-training task {post['success']:.3f} ({post['colours']:.1f} of {len(post_task)} colours) | "
-            f"{eta(t0, i + 1, len(layers))}", layer=layer, pretrain=pre["success"], posttrain=post["success"])
+        f"post-training task {base_post['success']:.3f} ({base_post['colours']:.1f} of {n_post} colours)")
+    layers, pre, post, states = ctrl_layers(args), {}, {}, {}
+    for i, l in enumerate(layers):
+        ctrl = train_controllers(args, model, l, data["dstar_train"], device, log)
+        pre[l], post[l] = (r["success"] for r in rollout_pair(ctrl_fn=ctrl, ctrl_layer=l))
+        states[str(l)] = ctrl.state_dict()
+        log("8 controllers", f"layer {l}: success pretraining tasks {pre[l]:.3f} | post-training task {post[l]:.3f} | "
+            f"{eta(t0, i + 1, len(layers))}", layer=l, pretrain=pre[l], posttrain=post[l])
+    metrics = {"base_success": base_post["success"], "base_success_pretrain": base_pre["success"],
+               "controller_success": [post.get(l) for l in range(args.n_layer + 1)],      # None: not trained
+               "controller_success_pretrain": [pre.get(l) for l in range(args.n_layer + 1)]}
     # A diagnostic (grid; not the paper's protocol, which trains on D* only): controllers at L/2 trained on D*
     # plus as many expert episodes of the post-training task itself. If these steer the novel order where the
     # D* controllers do not, a linear edit at L/2 *can* steer the model there, and what fails is the transfer
     # from D*, which never shows a subgoal that the history rules out.
-    oracle, mid = {}, args.n_layer // 2
-    if args.ctrl_oracle and args.task == "grid" and mid in per_layer:
+    mid = args.n_layer // 2
+    if args.ctrl_oracle and args.task == "grid" and mid in post:
         n = args.n_dstar // 2
         rng = np.random.default_rng(np.random.SeedSequence(args.seed).spawn(6)[5])   # a stream no other set uses
-        mixed = [ep for pair in zip(data["dstar_train"][:n], generate_episodes(rng, n, [post_task], 0.0)) for ep in pair]
+        extra = generate_episodes(rng, n, [gw.POSTTRAIN_TASK], 0.0)
         torch.manual_seed(args.seed + 5)
+        mixed = [ep for pair in zip(data["dstar_train"][:n], extra) for ep in pair]                 # alternating
         ctrl = train_controllers(args, model, mid, mixed, device, log)
-        o_pre, o_post = rollout_pair(model, ctrl_fn=ctrl, ctrl_layer=mid, **ev)
-        oracle = {"controller_success_oracle": o_post["success"], "controller_success_oracle_pretrain": o_pre["success"]}
+        o_pre, o_post = (r["success"] for r in rollout_pair(ctrl_fn=ctrl, ctrl_layer=mid))
+        metrics.update(controller_success_oracle=o_post, controller_success_oracle_pretrain=o_pre)
         log("8 controllers", f"layer {mid}, diagnostic: controllers trained on D* + post-training expert episodes (not "
-            f"the protocol): success pretraining tasks {o_pre['success']:.3f} | post-training task {o_post['success']:.3f} "
-            f"(D* controllers: {per_layer[mid][2]['success']:.3f})", **oracle)
-    by_layer = lambda f: [f(*per_layer[l]) if l in per_layer else None for l in range(args.n_layer + 1)]
-    metrics = {"base_success": base_post["success"], "base_success_pretrain": base_pre["success"],
-               "base_nll": controlled_nll(model, None, -1, held, device),
-               "controller_success": by_layer(lambda nll, pre, post: post["success"]),
-               "controller_success_pretrain": by_layer(lambda nll, pre, post: pre["success"]),
-               "controller_nll": by_layer(lambda nll, pre, post: nll), "train_time_s": time.time() - t0, **oracle}
-    return {"metrics": metrics, "controllers": states}
+            f"the protocol): success pretraining tasks {o_pre:.3f} | post-training task {o_post:.3f} (D* controllers: "
+            f"{post[mid]:.3f})", oracle=o_post, oracle_pretrain=o_pre)
+    return {"metrics": {**metrics, "train_time_s": time.time() - t0}, "controllers": states}
 
 
 # ---------------------------------------------------------------------------------------------------
 # 9. The RL toolkit and token-level RL                                    [Sec. 8.3-8.4, App. C.5.2]
-# The post-training task (0-1-2-3-4-5-6-7-0-1-2-3) pays a single reward of 1 when all 12 colours are visited in
-# order, else 0. Its subgoal order A-B-C-D-A-B uses only transitions that pretraining never shows, and its
-# episodes are twice as long. Both RL methods use the same update (App. C.5.2): a PPO-style clipped ratio, no
-# critic, one advantage per *trajectory*,
+# The post-training task (0-1-2-3-4-5-6-7-0-1-2-3) pays 1 when all 12 colours are visited in order, else 0. Its
+# subgoal order A-B-C-D-A-B uses only transitions that pretraining never shows, over twice as many steps. Both RL
+# methods use the same update (App. C.5.2): a PPO-style clipped ratio, no critic, one advantage per *trajectory*,
 #
 #     A_tau = (R(tau) - mean_B R) / (std_B R + 1e-3)                     (population std over the batch)
 #     L = -E_tau [ sum_t min( rho_t A_tau, clip(rho_t, 1 - eps, 1 + eps) A_tau ) ],
 #     rho_t = pi(act_t | s_{1:t}) / pi_old(act_t | s_{1:t}),
 #
-# like GRPO without groups. What differs between the methods is only *what an action is*:
+# like GRPO without groups. What differs between the methods is only *what an action is* (section 11 is written
+# as a diff against this one; the lines that differ carry # ALGO LOGIC):
 #   token-level RL: act_t = the primitive move a_t at every env step, pi = the whole base model (finetuned);
-#   internal RL:    act_k = the controller code z at the k-th switch only, pi = a small causal policy
-#                   over z; the base model and the metacontroller's decoder are part of the environment.
-# Section 11 is written as a diff against this section; the lines that differ carry # ALGO LOGIC.
-#
-#   Symbol   | Shape     | Meaning
-#   rewards  | (B,)      | R(tau) in {0, 1}
-#   adv      | (B,)      | A_tau, the same for every action of episode tau
-#   logp     | (B, T')   | log pi(act | history) of each action (T' = env steps, or switches for internal RL)
-#   mask     | (B, T')   | 1 where the action exists (episodes have different lengths / numbers of switches)
-#
+#   internal RL:    act_k = the code z at the k-th switch only, pi = a small causal policy over z; the base
+#                   model and the metacontroller's decoder are part of the environment.
 # Token-level RL starts from the pretrained model, which on this task essentially never succeeds (Sec. 8.4:
 # about once in a million episodes); with no success in a batch every advantage is 0 and nothing is learned.
 
 def trajectory_advantage(rewards):
     """A_tau = (R - mean_B R) / (std_B R + 1e-3) (App. C.5.2): one number per episode (B,)."""
     return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-3)       # ALGO LOGIC: (B,)
-
 
 def ppo_loss(logp, logp_old, adv, mask, clip: float):
     """-mean over the batch's actions of min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - logp_old);
@@ -1189,31 +1020,23 @@ def ppo_loss(logp, logp_old, adv, mask, clip: float):
     obj = torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)                # ALGO LOGIC: clipped surrogate
     return -(obj * mask).sum() / mask.sum().clamp(min=1)
 
-
 def step_mask(lengths, T: int):
     """(B,) lengths -> (B, T) float mask of the real steps."""
     return (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).float()
 
-
-def token_logp(model: GPT, obs, actions):
-    """log p(a_t | o_{1:t}) of the taken actions (B, T) under the (trainable) base model."""
-    act_out, _, _ = model(obs)                                                     # (B, T, 4) or (B, T, 8)
-    return model.action_logp(act_out, actions)                                     # (B, T)
-
-
 def rl_train(args: Args, tag: str, collect, logp_fn, params, lr_flag: str, seed: int, log: Logger) -> dict:
     """The shared RL loop (Alg. 3): collect B episodes with the current policy, one advantage per episode,
-    ``rl_epochs`` full-batch steps on the clipped objective, until ``rl_episodes`` are used; the learning rate is
-    the setting ``lr_flag``. ``collect(n, seed)`` -> a batch with ``rewards`` (B,), ``mask`` (B, T') and what
-    ``logp_fn(batch)`` needs to return (B, T') log-probabilities. Returns the curve [episodes, batch success]."""
+    ``rl_epochs`` full-batch steps on the clipped objective, until ``rl_episodes`` are used (learning rate: the
+    setting ``lr_flag``). ``collect(n, seed)`` -> a batch with ``rewards`` (B,), ``mask`` (B, T') and what
+    ``logp_fn(batch)`` reads to return (B, T') log-probabilities. Returns the curve [episodes, batch success]."""
     lr = getattr(args, lr_flag.replace("-", "_"))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.999))   # Table A13: wd 0
     curve, episodes, t0 = [], 0, time.time()
-    n_batches = math.ceil(args.rl_episodes / args.rl_batch)
+    n_batches = math.ceil(args.rl_episodes / args.rl_batch)  # every method: the same budget
     for it in range(1, n_batches + 1):
         batch = collect(args.rl_batch, seed + episodes)          # fresh env seeds for every episode
         episodes += args.rl_batch
-        R = batch["rewards"]
+        R = batch["rewards"]                                                              # (B,) R(tau) in {0, 1}
         curve.append([episodes, float(R.mean())])
         if R.std() > 0:          # an all-0 (or all-1) batch has every advantage 0: nothing to learn from
             adv = trajectory_advantage(R)                                          # (B,)
@@ -1232,7 +1055,6 @@ def rl_train(args: Args, tag: str, collect, logp_fn, params, lr_flag: str, seed:
                 f"(recent mean {recent:.3f}) | {eta(t0, it, n_batches)}", episodes=episodes, success=float(R.mean()))
     return {"curve": curve, "episodes": episodes, "train_time_s": time.time() - t0}
 
-
 def rl_report(args: Args, name: str, m: dict, test: dict, data: dict, log: Logger, t0: float) -> dict:
     """The final test's numbers, logged and added to the training metrics ``m`` of the RL stage ``name``."""
     m.update(success=test["success"], colours=test["colours"], train_time_s=time.time() - t0)
@@ -1243,19 +1065,16 @@ def rl_report(args: Args, name: str, m: dict, test: dict, data: dict, log: Logge
         f"colours | trained on {m['episodes']} episodes in {m['train_time_s']:.0f}s", success=test["success"])
     return m
 
-
 def token_rl(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
     """Token-level RL: finetune a copy of the base model on primitive actions (Sec. 8.4), then test it on unseen
     env seeds. Returns the checkpoint: the ``metrics`` and the finetuned ``policy``."""
     t0, post = time.time(), env_module(args.task).POSTTRAIN_TASK
     policy = copy.deepcopy(model).requires_grad_(True)     # the frozen original stays untouched
-
     def collect(n, s):
         r = rollout(policy, post, n, s, device, record=True)
-        return {"rewards": r["rewards"], "obs": r["obs"], "actions": r["actions"],
-                "mask": step_mask(r["lengths"], r["actions"].shape[1])}
+        return {**r, "mask": step_mask(r["lengths"], r["actions"].shape[1])}              # (B, T) steps taken
 
-    logp_fn = lambda b: token_logp(policy, b["obs"], b["actions"])             # ALGO LOGIC: act = a_t, every step
+    logp_fn = lambda b: policy.action_logp(policy(b["obs"])[0], b["actions"])   # ALGO LOGIC: act = a_t, every step
     m = rl_train(args, "9 token_rl", collect, logp_fn, list(policy.parameters()), "token-lr",
                  data["eval_seed"] + 3 * 10 ** 6, log)
     test = rollout(policy, post, args.rl_eval, data["eval_seed"] + 2 * 10 ** 6, device)    # env seeds unused so far
@@ -1264,9 +1083,8 @@ def token_rl(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
 
 # ---------------------------------------------------------------------------------------------------
 # 10. Stage "metacontroller": discovering subgoals and when to switch        [Sec. 6, Eq. 2-3, App. D.2, Table A9]
-# Section 8 needed the true subgoal labels. The metacontroller finds controllers *and* their timing without
-# labels, self-supervised on D*: it reads the frozen model's residual e_t = e_{t,L/2} and writes a controller
-# back at the same layer (App. D.2):
+# Section 8 needed the true subgoal labels. The metacontroller finds controllers *and* their timing without them,
+# self-supervised on D*: it reads the frozen model's e_t = e_{t,L/2} and writes a controller back there (App. D.2):
 #   s      = f_emb(e_{1:T})                     non-causal sequence embedding (sees the future)      (Eq. 13)
 #   h_t    = GRU(e_t, h_{t-1})                  the history so far                                   (Eq. 12)
 #   mu_t, Sigma_t = f_enc(e_t, h_{t-1}, s);  z~_t ~ N(mu_t, Sigma_t)   a proposed new code       (Eq. 14-15)
@@ -1275,25 +1093,17 @@ def token_rl(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
 #   U_t    = f_hyp(z_t) = A(z_t) B(z_t)^T       the hypernetwork decoder, rank r (the ant: D)        (Eq. 18)
 #   e_t   <- e_t + U_t e_t                      then the frozen upper blocks predict a_t             (Eq. 11)
 # Loss (Eq. 3 with lambda = 0):  sum_t [ -ln p(a_t | o_{1:t}, z_{1:t}) + alpha KL(N(mu_t, Sigma_t) || N(0, I)) ].
-# The KL is charged at *every* step, not weighted by beta (App. E.1 shows the relaxed per-step KL is this
-# whatever beta is; weighting it by beta is a bug a public re-implementation shipped). Switching comes out
-# sparse because a proposal that beta ignores can sit at the prior for free: one code per subgoal, sent at
-# its start, buys the subgoal's NLL for a few nats, a rate-distortion trade-off set by alpha (Fig. 7).
-#
-#   Symbol     | Shape          | Meaning
-#   e          | (B, T, D)      | e_{t,L/2} of the frozen model on D* episodes (no controller below L/2)
-#   s          | (B, H)         | sequence embedding, H = mc_hidden
-#   h          | (B, T, H)      | history GRU states h_1..h_T
-#   mu, logvar | (B, T, Z)      | the Gaussian proposal, Z = n_z
-#   beta       | (B, T)         | switching gate (beta_1 = 1: the first step always picks a code)
-#   z          | (B, T, Z)      | integrated code
-#   A, B       | (B, T, D, r)   | U_t = A B^T (formed only by factors(); apply() contracts without them)
+# The KL is charged at *every* step, not weighted by beta (App. E.1: the relaxed per-step KL is this whatever
+# beta is; weighting it by beta is a bug a public re-implementation shipped). Switching comes out sparse because
+# a proposal that beta ignores can sit at the prior for free: one code per subgoal, sent at its start, buys the
+# subgoal's NLL for a few nats, a rate-distortion trade-off set by alpha (Fig. 7).
+# Shapes: e (B, T, D), the frozen model's e_{t,L/2} on D* episodes; s (B, H), H = mc_hidden; h (B, T, H); mu,
+# logvar and z (B, T, Z), Z = n_z; beta (B, T), beta_1 = 1 (the first step always picks a code); A, B (B, T, D, r).
 # The forced-switching ablation (App. C.4.1) trains the same module with beta_t = 1 at every step.
 
 def gaussian_kl(mu, logvar):
     """KL(N(mu, diag exp(logvar)) || N(0, I)) summed over the last axis (the alpha term of Eq. 3)."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(-1)                        # ALGO LOGIC: closed form
-
 
 class MetaController(nn.Module):
     def __init__(self, args: Args):
@@ -1302,7 +1112,7 @@ class MetaController(nn.Module):
         self.D, self.r, self.gumbel = D, r, args.mc_gumbel
         # f_emb: a bidirectional GRU over the whole sequence, its outputs averaged over the real steps (our
         # choice of pooling; the paper does not say), then linear
-        self.embedder = nn.GRU(D, H, batch_first=True, bidirectional=True)
+        self.embedder = nn.GRU(D, H, batch_first=True, bidirectional=True)                # Eq. 13
         self.emb_out = nn.Linear(2 * H, H)
         self.history = nn.GRU(D, H, batch_first=True)                                    # Eq. 12
         self.encoder = nn.Sequential(nn.Linear(D + H + H, E), nn.ReLU(), nn.Linear(E, 2 * Z))  # Eq. 14
@@ -1346,7 +1156,7 @@ class MetaController(nn.Module):
     def sequence_embedding(self, e, lengths):
         """s = f_emb(e_{1:T}) (B, H) (Eq. 13): the non-causal part (every step of the episode, the future included)."""
         packed = nn.utils.rnn.pack_padded_sequence(e, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.embedder(packed)
+        out, _ = self.embedder(packed)  # both directions, real steps only
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=e.shape[1])  # (B, T, 2H)
         mask = step_mask(lengths, e.shape[1])[..., None]                                  # (B, T, 1)
         return self.emb_out((out * mask).sum(1) / lengths[:, None].float())             # (B, H)
@@ -1359,12 +1169,12 @@ class MetaController(nn.Module):
         h_prev = torch.cat([h.new_zeros(B, 1, h.shape[-1]), h[:, :-1]], 1)              # (B, T, H) h_{t-1}, h_0 = 0
         stats = self.encoder(torch.cat([e, h_prev, s[:, None].expand(B, T, s.shape[-1])], -1))
         mu, logvar = stats.chunk(2, -1)                                                  # (B, T, Z) Eq. 14
-        logvar = logvar.clamp(-10, 5)
+        logvar = logvar.clamp(-10, 5)  # log Sigma_t (B, T, Z), kept in a sane range
         z_tilde = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu  # Eq. 15, reparameterised
         kl = gaussian_kl(mu, logvar)                                                     # (B, T) charged at every step
         if forced:                          # ALGO LOGIC: Eq. 2 with beta = 1 (the ablation): z_t = z~_t
             return z_tilde, kl, e.new_ones(B, T)
-        z, zs, betas = e.new_zeros(B, mu.shape[-1]), [], []
+        z, zs, betas = e.new_zeros(B, mu.shape[-1]), [], []  # z_0 = 0; z_t and beta_t per step
         # the only sequential part: beta_t reads z_{t-1}. (unbind() slices once; indexing [:, t] inside the
         # loop would make autograd build a full-size zero tensor per step.)
         for t, (e_t, h_t, zt_t) in enumerate(zip(e.unbind(1), h_prev.unbind(1), z_tilde.unbind(1))):
@@ -1373,7 +1183,6 @@ class MetaController(nn.Module):
             zs.append(z)
             betas.append(beta)
         return torch.stack(zs, 1), kl, torch.stack(betas, 1)                            # (B, T, Z), (B, T), (B, T)
-
 
 def mc_loss(model: GPT, mc: MetaController, b: dict, layer: int, alpha: float, forced: bool = False):
     """Eq. 3 with lambda = 0 on a D* batch: action NLL through the frozen model + alpha * the mean per-step KL."""
@@ -1387,15 +1196,14 @@ def mc_loss(model: GPT, mc: MetaController, b: dict, layer: int, alpha: float, f
     kl_mean = (kl * mask).sum() / mask.sum()
     return nll + alpha * kl_mean, nll, kl_mean, beta, mask                              # ALGO LOGIC: Eq. 3
 
-
 def boundary_f1(beta, subgoals, lengths, tol: int = 1) -> dict:
     """Switches (beta >= 0.5) against true subgoal changes, per episode, matched within +-tol steps; beta and
     subgoals (B, T) tensors or lists, lengths (B,). Step 1 never counts (every episode starts with a code); a
     switch matches at most one boundary and vice versa. Returns precision, recall, F1 and the switch rate."""
     tp = n_pred = n_true = n_steps = 0
     for bt, g, n in zip(*(x.tolist() if torch.is_tensor(x) else x for x in (beta, subgoals, lengths))):
-        pred = [t for t in range(1, n) if bt[t] >= 0.5]
-        true = [t for t in range(1, n) if g[t] != g[t - 1]]
+        pred = [t for t in range(1, n) if bt[t] >= 0.5]                                   # switch steps
+        true = [t for t in range(1, n) if g[t] != g[t - 1]]  # steps where a new subgoal starts
         used = set()
         for t in true:
             best = min((p for p in pred if abs(p - t) <= tol and p not in used), key=lambda p: abs(p - t), default=None)
@@ -1406,7 +1214,6 @@ def boundary_f1(beta, subgoals, lengths, tol: int = 1) -> dict:
     return {"precision": prec, "recall": rec, "f1": 2 * prec * rec / max(prec + rec, 1e-9),
             "switch_rate": n_pred / max(n_steps, 1)}
 
-
 @torch.no_grad()
 def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int, device) -> dict:
     """Held-out switch statistics with posterior means (no sampling), NLL, KL and example traces of beta."""
@@ -1414,19 +1221,17 @@ def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int,
     for b in batches_of(episodes, 256, device):
         e = model.lower(b["obs"], layer)
         m = b["mask"]
-        lengths = m.sum(1)
-        z, k, beta = mc(e, lengths, sample=False)
+        lengths = m.sum(1)                                                                # (B,)
+        z, k, beta = mc(e, lengths, sample=False)                                         # posterior means: z~_t = mu_t
         nll -= model.action_logp(model.upper(e + mc.apply(z, e), layer, b["obs"]), b["actions"])[m].sum().item()
         kl += k[m].sum().item()
         n += int(m.sum())
-        for bt, g, T in zip(beta.tolist(), b["subgoals"].tolist(), lengths.tolist()):
-            betas.append(bt[:T])
-            subgoals.append(g[:T])
+        betas += [bt[:T] for bt, T in zip(beta.tolist(), lengths.tolist())]                # real steps only
+        subgoals += [g[:T] for g, T in zip(b["subgoals"].tolist(), lengths.tolist())]
     out = boundary_f1(betas, subgoals, [len(bt) for bt in betas])
     out.update(nll=nll / n, kl=kl / n, examples=[{"beta": [round(x, 3) for x in betas[i]], "subgoals": subgoals[i]}
                          for i in range(0, len(betas), max(1, len(betas) // 6))][:6])   # for the Fig. 6/A3 plot
     return out
-
 
 def collapse_verdict(rate: float, kl: float) -> str:
     """Switching in plain words, from the held-out switch rate and KL per step: the ways it fails, or not."""
@@ -1436,13 +1241,12 @@ def collapse_verdict(rate: float, kl: float) -> str:
         return "COLLAPSED: it never switches after the first step"
     return "COLLAPSED: it switches at (almost) every step" if rate > 0.9 else "sparse switching"
 
-
 def train_metacontroller(args: Args, model: GPT, episodes: list, device, log: Logger, seed: int, steps: int,
                          forced: bool = False) -> MetaController:
     """Minimise Eq. 3 on the D* ``episodes`` for ``steps`` steps from seed ``seed``, the base model frozen."""
     model.requires_grad_(False).eval()       # the base model is frozen: gradients reach only the metacontroller
     torch.manual_seed(seed + (7 if forced else 0))
-    mc = MetaController(args).to(device)
+    mc = MetaController(args).to(device)                                                  # the only trainable part
     opt = torch.optim.AdamW(mc.parameters(), lr=args.mc_lr, weight_decay=args.weight_decay)
     rng = np.random.default_rng(seed + (300 if forced else 200))
     stream = bucketed_batches(rng, sample_from(rng, episodes), args.mc_batch, args.bucket_batches, device)
@@ -1465,32 +1269,30 @@ def train_metacontroller(args: Args, model: GPT, episodes: list, device, log: Lo
                 switch_rate=rate)
     return mc
 
-
 def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
-    """Train the metacontroller and its forced-switching ablation; measure switch alignment on held-out D*.
-    Seeds matter: some send nothing, some the whole task in the first code, some switch at every subgoal
-    boundary, which also gives the lowest Eq. 3. So N = --mc-seeds seeds train --mc-screen steps, the one with the
-    lowest Eq. 3 on held-out D*[n_probe/2:n_probe] is kept (no labels; the alignment scores D*[:n_probe/2]) and
-    trained again to --mc-steps (the paper trains 3 and reports their median). Returns the checkpoint: the
-    ``metrics`` and both metacontrollers' weights, ``mc`` and ``mc_forced``."""
+    """Train the metacontroller and its forced-switching ablation; measure switch alignment on held-out D*. Seeds
+    matter (some send nothing, some the whole task in the first code, some switch at subgoal boundaries), so
+    --mc-seeds seeds train --mc-screen steps, the lowest Eq. 3 on held-out D*[n_probe/2:n_probe] is kept (no
+    labels; the alignment scores D*[:n_probe/2]) and trained again to --mc-steps (the paper reports the median of
+    3). Returns the checkpoint: the ``metrics`` and both metacontrollers' weights, ``mc`` and ``mc_forced``."""
     t0, mid, held = time.time(), args.n_layer // 2, data["dstar_heldout"]
     train = lambda seed, steps, forced=False: train_metacontroller(args, model, data["dstar_train"], device, log,
                                                                    seed, steps, forced)
-    screen, candidates, mcs = args.mc_screen or args.mc_steps, [], []
+    screen, candidates, mcs = args.mc_screen or args.mc_steps, [], {}
     for i in range(args.mc_seeds if args.mc_seeds > 1 else 0):
-        mcs.append(train(args.seed + 1000 * i, screen))
-        sel = switch_alignment(model, mcs[-1], held[args.n_probe // 2:args.n_probe], mid, device)
+        seed = args.seed + 1000 * i
+        mcs[seed] = train(seed, screen)
+        sel = switch_alignment(model, mcs[seed], held[args.n_probe // 2:args.n_probe], mid, device)
         eq3 = sel["nll"] + args.alpha * sel["kl"]                        # ALGO LOGIC: held-out Eq. 3, no labels
-        candidates.append({"seed": args.seed + 1000 * i, "eq3": eq3, "f1": sel["f1"], "switch_rate": sel["switch_rate"]})
-        log("10 metacontroller", f"seed {args.seed + 1000 * i} ({i + 1} of {args.mc_seeds}) at step {screen}: held-out "
-            f"Eq. 3 {eq3:.4f} | switch rate {sel['switch_rate']:.3f} | F1 {sel['f1']:.3f} (labels: logged, not used "
-            f"to choose) | {eta(t0, i + 1, args.mc_seeds)}", **candidates[-1])
-    k = min(range(len(candidates)), key=lambda j: candidates[j]["eq3"]) if candidates else None
-    chosen = args.seed if k is None else candidates[k]["seed"]
+        candidates.append({"seed": seed, "eq3": eq3, "f1": sel["f1"], "switch_rate": sel["switch_rate"]})
+        log("10 metacontroller", f"seed {seed} ({i + 1} of {args.mc_seeds}) at step {screen}: held-out Eq. 3 {eq3:.4f} "
+            f"| switch rate {sel['switch_rate']:.3f} | F1 {sel['f1']:.3f} (labels: logged, not used to choose) | "
+            f"{eta(t0, i + 1, args.mc_seeds)}", **candidates[-1])
+    chosen = min(candidates, key=lambda c: c["eq3"])["seed"] if candidates else args.seed
     if candidates:
         log("10 metacontroller", f"kept seed {chosen} (lowest held-out Eq. 3)" +
             (f"; training it again, to step {args.mc_steps}" if screen < args.mc_steps else ""))
-    mc = mcs[k] if candidates and screen == args.mc_steps else train(chosen, args.mc_steps)
+    mc = mcs[chosen] if candidates and screen == args.mc_steps else train(chosen, args.mc_steps)
     al = switch_alignment(model, mc, held[:args.n_probe // 2], mid, device)
     verdict = collapse_verdict(al["switch_rate"], al["kl"])
     log("10 metacontroller", f"held-out D*: nll {al['nll']:.3f} | kl {al['kl']:.3f} | switch rate "
@@ -1508,27 +1310,21 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
 
 # ---------------------------------------------------------------------------------------------------
 # 11. Internal RL: RL in the metacontroller's code space                 [Sec. 8.1-8.2, Alg. 1-3, App. D.3]
-# Internal RL is section 9's loop with a different agent. The non-causal encoder (it saw the future) is dropped;
-# a causal policy pi(z | e at the decisions so far) takes its place. Everything else is frozen and becomes part
-# of the environment (Alg. 1-2): the base model, the history GRU, the switching unit and the decoder. At step t:
+# Section 9's loop with a different agent: the non-causal encoder (it saw the future) gives way to a causal policy
+# pi(z | e at the decisions so far); the base model, history GRU, switching unit and decoder are frozen, part of
+# the environment (Alg. 1-2). At step t:
 #   e_t = lower_blocks(o_{1:t})                      the frozen model sees the whole history (KV cache)
 #   switch if t = 1 or beta_t = f_switch(e_t, h_{t-1}, z_{t-1}) >= 0.5        (binarised, Alg. 2)
 #   on a switch: z ~ pi(. | e at this and the earlier switches)              <- the RL action
 #   otherwise:   z unchanged, so U = f_hyp(z) unchanged (a temporally-abstract action)
 #   a_t ~ upper_blocks(e_t + U e_t); env.step(a_t)
-# So the RL "episode" is the handful of switch points (about 6 on the post-training task if the switches sit at
-# subgoal boundaries), not ~60 primitive steps: the credit-assignment problem shrinks accordingly (App. E.2).
-# The policy starts as the prior N(0, I), the codes the decoder was trained on. The forced-switching ablation
-# runs the same code with the beta = 1 metacontroller: a new z at every step.
-#
-#   Symbol    | Shape        | Meaning
-#   e_dec     | (B, N, D)    | residual e_{t,L/2} at the N decision points of each episode
-#   z_dec     | (B, N, Z)    | the codes chosen there
-#   mask      | (B, N)       | 1 for real decisions (episodes have different numbers of switches)
+# So the RL "episode" is the handful of switch points (about 6 if they sit at subgoal boundaries), not ~60
+# primitive steps: credit assignment shrinks accordingly (App. E.2). The policy starts as the prior N(0, I), the
+# codes the decoder was trained on; the forced ablation (beta = 1) draws a new z at every step.
+# Shapes: e_dec (B, N, D) and z_dec (B, N, Z), the residuals and codes at each episode's N decisions; mask (B, N).
 
 class ZPolicy(nn.Module):
     """pi(z_k | e_{t_1..t_k}): a GRU over the residuals at decision points, a Gaussian over z (init: N(0, I))."""
-
     def __init__(self, args: Args):
         super().__init__()
         self.gru = nn.GRU(args.n_embd, args.irl_hidden, batch_first=True)
@@ -1542,11 +1338,9 @@ class ZPolicy(nn.Module):
         out, _ = self.gru(e_dec)                                                          # (B, N, irl_hidden)
         return torch.distributions.Normal(self.mu(out), self.log_std.exp()).log_prob(z_dec).sum(-1)
 
-
 class InternalAgent:
     """The frozen metacontroller parts and the z-policy as a stateful controller for rollout() (Alg. 1-2): called
     once per env step with x = e_{t,L/2} (n, 1, D), it returns U_t x; ``g``, the true subgoal, is never read."""
-
     def __init__(self, mc: MetaController, policy: ZPolicy, n: int, seed: int, forced: bool):
         self.mc, self.pi, self.forced, self.t = mc, policy, forced, 0
         dev = policy.mu.weight.device
@@ -1559,11 +1353,10 @@ class InternalAgent:
     @torch.no_grad()
     def __call__(self, x, g=None):
         e = x[:, 0]                                                                       # (n, D) e_t
-        if self.t == 0 or self.forced:
+        if self.t == 0 or self.forced:                                   # t = 1, or the beta = 1 ablation
             decide = torch.ones(e.shape[0], dtype=torch.bool, device=e.device)
-        else:
-            beta = self.mc.switch_prob(e, self.h, self.z)                                # (n,) f_switch
-            decide = beta >= 0.5                                                         # ALGO LOGIC: Heaviside(beta - 0.5)
+        else:                                                                    # ALGO LOGIC: Heaviside(beta - 0.5)
+            decide = self.mc.switch_prob(e, self.h, self.z) >= 0.5                       # (n,) beta_t = f_switch
         out, h_pi = self.pi.gru(e[:, None], self.h_pi)                                  # (n, 1, irl_hidden)
         mu = self.pi.mu(out[:, 0])
         z_new = mu + self.pi.log_std.exp() * torch.randn(mu.shape, generator=self.gen, device=e.device)  # ALGO LOGIC: z ~ pi
@@ -1584,7 +1377,6 @@ class InternalAgent:
         return (pad([e[i, dec[i]] for i in range(len(e))]), pad([z[i, dec[i]] for i in range(len(z))]),
                 pad([torch.ones(int(d.sum()), device=e.device) for d in dec]))
 
-
 def internal_rl(args: Args, model: GPT, mc: MetaController, data: dict, device, log: Logger, forced: bool) -> dict:
     """Internal RL (Alg. 3): section 9's loop, but the actions are codes z at switch points; then the test on
     unseen env seeds. ``forced``: the beta = 1 ablation. Returns the checkpoint: ``metrics`` and the ``policy``."""
@@ -1594,7 +1386,6 @@ def internal_rl(args: Args, model: GPT, mc: MetaController, data: dict, device, 
     torch.manual_seed(args.seed + (11 if forced else 10))
     policy = ZPolicy(args).to(device)                          # the only trainable part
     mid, post = args.n_layer // 2, env_module(args.task).POSTTRAIN_TASK
-
     def collect(n, s):
         agent = InternalAgent(mc, policy, n, s + 1, forced)
         r = rollout(model, post, n, s, device, ctrl_fn=agent, ctrl_layer=mid, record=True)
@@ -1615,34 +1406,29 @@ def internal_rl(args: Args, model: GPT, mc: MetaController, data: dict, device, 
 # 12. Figures
 FIGURES = ("env.png", "probe_accuracy.png", "controller_success.png", "beta_traces.png", "rl_curves.png")
 
-
 def make_figures(args: Args, results: dict) -> list:
     """The run's PNGs: the env (Fig. 2), probe accuracy by layer (Fig. 3/A1), controller success by layer
     (Fig. 4), switching-gate traces (Fig. 6/A3) and RL curves (Fig. 8). A stage without results loses its figure."""
     import matplotlib
     matplotlib.use("Agg")                                           # files only, no screen
     import matplotlib.pyplot as plt
-    paths, r = [], results
-
-    def figure(name, title, size=(4.5, 3.2), rows=1, **kw):          # a figure saved by save(name)
+    paths, r, E = [], results, env_module(args.task)
+    def figure(name, title, size=(4.5, 3.2), rows=1, **kw):          # a figure saved by save()
         fig, ax = plt.subplots(rows, 1, figsize=size, squeeze=False, sharex=True)
         ax[0, 0].set_title(title, fontsize=8)
         ax[-1, 0].set(**kw)
         paths.append(os.path.join(args.out, name))
         return fig, ax[:, 0]
-
     def save(fig, legend=None, loc="best"):
         if legend is not None:
             legend.legend(frameon=False, fontsize=7, loc=loc)
         fig.tight_layout()
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
-
-    E = env_module(args.task)                                       # gridworld.py or ant_tasks.py
     try:                                                            # one pretraining-task layout, as rgb_array
         env = (E.GridPinpadEnv if args.task == "grid" else E.AntPinpadEnv)(render_mode="rgb_array")
         env.reset(seed=args.seed, options={"task": E.PRETRAIN_TASKS[0]})
-        img = env.render()
+        img = env.render()                                          # (H, W, 3)
         fig, ax = figure("env.png", "gridworld-pinpad (black: agent, grey: walls)" if args.task == "grid" else
                          "ant-pinpad (colours 0-3: red, orange, green, blue)", (3.2, 3.4), xticks=[], yticks=[])
         ax[0].imshow(img)
@@ -1694,9 +1480,9 @@ def make_figures(args: Args, results: dict) -> list:
             smooth = np.convolve(c[:, 1], np.ones(w), "same") / np.convolve(np.ones(len(c)), np.ones(w), "same")
             ax[0].plot(c[:, 0], smooth, label=f"{lab} (test {r[k]['success']:.2f})")
         save(fig, ax[0])
-    for name in FIGURES:                                            # figures of stages without results go
-        if os.path.join(args.out, name) not in paths and os.path.exists(os.path.join(args.out, name)):
-            os.remove(os.path.join(args.out, name))
+    for stale in {os.path.join(args.out, f) for f in FIGURES} - set(paths):    # figures of stages without results
+        if os.path.exists(stale):
+            os.remove(stale)
     return paths
 
 
@@ -1715,14 +1501,12 @@ def open_run_folder(args: Args) -> None:
             os.remove(path)
             print(f"[13 main] --fresh: deleted {path}")
 
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     open_run_folder(args)
-    np.random.seed(args.seed)                    # seed once; each stage also seeds its own generators
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)                 # seed once; each stage also seeds its own generators
     log = Logger(args.out)
     log("1 args", " ".join(f"{k}={v}" for k, v in dataclasses.asdict(args).items()))
     t_start, stage_time = time.time(), {}                   # seconds per stage (reused: the loading time)
@@ -1730,20 +1514,15 @@ def main(argv=None) -> dict:
     # Per checkpoint: "trained" or "reused" by this run, or "kept" (a later stage's, still valid), and its
     # checksum, which its children's fingerprints chain (the grid's data are no checkpoint: made from the seed).
     status, sums = {}, ({"data": ""} if args.task == "grid" else {})
-
-    def record(name: str, ck: dict) -> None:     # a checkpoint's metrics into results.json
-        if name in ("probe", "controllers", "metacontroller"):
-            results.update({k: v for k, v in ck["metrics"].items() if k != "train_time_s"})
-        else:
-            results[name] = ck["metrics"]
-
+    def record(name: str, ck: dict) -> None:     # a checkpoint's metrics into results.json (RL and pretrain nested)
+        flat = name in ("probe", "controllers", "metacontroller")
+        results.update({k: v for k, v in ck["metrics"].items() if k != "train_time_s"} if flat else {name: ck["metrics"]})
     def stage(name: str, train) -> dict:         # reuse or train one checkpoint; time it; record its metrics
         t = time.time()
         ck, status[name] = run_stage(args, name, sums[CHECKPOINTS[name][1]], log, train)
         sums[name], stage_time[name] = ck["checksum"], time.time() - t
         record(name, ck)
         return ck
-
     def finish(stopped: str = "") -> dict:
         """Add the results of later stages whose checkpoints still fit, make the figures, write results.json."""
         kept, dropped = [], []
@@ -1786,19 +1565,17 @@ def main(argv=None) -> dict:
         model = GPT(args).to(device)
         model.load_state_dict(ck["model"])       # (a checkpoint that matches its fingerprint has this code's shapes)
         model.requires_grad_(False).eval()       # frozen from here on
-        if args.stop_after == "pretrain":
-            return finish()
-        stage("probe", lambda: probe_stage(args, model, data, device, log))
-        if args.stop_after == "probe":
-            return finish()
-        stage("controllers", lambda: controller_stage(args, model, data, device, log))
-        if args.stop_after == "controllers":
-            return finish()
-        ck = stage("metacontroller", lambda: metacontroller_stage(args, model, data, device, log))
-        mcs = {k: MetaController(args).to(device) for k in ("mc", "mc_forced")}
-        for k, mc in mcs.items():
-            mc.load_state_dict(ck[k])
-        if args.stop_after == "metacontroller":
+        todo = STAGES[1:STAGES.index(args.stop_after) + 1]                  # the stages after pretraining, in order
+        if "probe" in todo:
+            stage("probe", lambda: probe_stage(args, model, data, device, log))
+        if "controllers" in todo:
+            stage("controllers", lambda: controller_stage(args, model, data, device, log))
+        if "metacontroller" in todo:
+            ck = stage("metacontroller", lambda: metacontroller_stage(args, model, data, device, log))
+            mcs = {k: MetaController(args).to(device) for k in ("mc", "mc_forced")}
+            for k, mc in mcs.items():
+                mc.load_state_dict(ck[k])
+        if "rl" not in todo:
             return finish()
         stage("token_rl", lambda: token_rl(args, model, data, device, log))
         stage("internal_rl", lambda: internal_rl(args, model, mcs["mc"], data, device, log, forced=False))
@@ -1818,7 +1595,6 @@ def main(argv=None) -> dict:
         finish(stopped=msg)
         print(f"internal_rl.py: {msg}", file=sys.stderr)
         sys.exit(code)                           # 1: diverged; 130: interrupted, as a shell reports Ctrl-C
-
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ Table of contents: read it top to bottom, each section is one step of the paper'
 performs them (the section banners below carry these numbers)
     1. Args: every setting, presets per task
     2. Plumbing: logging, and checkpoints that know what made them
-    3. Data: expert trajectories D and D*, no rewards, no labels
+    3. Data: expert trajectories D and D*, no rewards (the true subgoals only for analysis)
     4. The base model: a causal transformer o_{1:t} -> e_{t,0} -> block 1 -> ... -> block L -> a_t, whose
        residual stream e_{t,l} the later sections read and edit
     5. Rollouts: the frozen model, optionally controlled, acting in the env
@@ -30,20 +30,20 @@ Commands (a 2-core CPU is enough)
     python internal_rl.py --task ant                       # the MuJoCo ant (MUJOCO_GL=egl for its picture)
     python internal_rl.py --task grid --help               # every setting, with this task's and preset's defaults
     python -m pytest -q test_internal_rl.py                # the tests
-Outputs go to --out (default runs/<task>-seed<seed>[-quick]): checkpoints (*.pt), metrics.jsonl (every log line
-as JSON), figures (*.png) and results.json. A rerun reuses every finished stage whose settings and code are
-unchanged and retrains the others with all built on them (section 2); --fresh retrains all; after Ctrl-C, rerun
-the same command to continue. Log lines start with the number of the section that writes them.
+Outputs go to --out (default runs/<task>-seed<seed>[-quick]): checkpoints, metrics.jsonl (the log as JSON), the
+figures and results.json. Reruns reuse every stage whose settings and code are unchanged (section 2; --fresh: none);
+after Ctrl-C, rerun the same command. Log lines start with the number of the section that writes them.
 
 Notation (shape comments use these letters)
-    B batch (episodes)   T time steps   D residual width (n_embd)   L blocks (n_layer)   nh attention heads
-    G subgoals (4: colour pairs on the grid, colours on the ant)   r controller rank   Z code size (n_z)
-    e_{t,l} the residual at step t after block l (l = 0: the input embedding)   U a D x D controller
+    B batch (episodes; n in rollouts)   T time steps   D residual width (n_embd)   L blocks (n_layer)   nh heads,
+    hs = D / nh   G subgoals (4: colour pairs on the grid, colours on the ant)   r controller rank   Z code size
+    (n_z)   H the metacontroller's hidden size (mc_hidden)   N decisions per episode (internal RL)   T' actions
+    per episode (env steps, or decisions)   e_{t,l} the residual at step t after block l (l = 0: the input
+    embedding)   U = A B^T a D x D controller (A, B: its D x r factors, not the batch size)
 
-Deviations from the paper (the README's table gives reasons): a CPU-sized model and budget (d=64, 4 blocks; the
-paper: d=256, 6 blocks, ~400x the episodes); an agent-centred embedding and object attention (section 4); GRUs for
-Hawk SSMs; a KL warm-up and a label-free choice among metacontroller seeds (section 10); the ant's expert is
-hand-designed, not PPO.
+Deviations (the README's table gives reasons): a CPU-sized model and budget (d=64, 4 blocks; the paper: d=256,
+6 blocks, ~400x the episodes); an agent-centred embedding, object attention (section 4); GRUs for Hawk SSMs; a KL
+warm-up and a label-free choice among metacontroller seeds (section 10); a hand-designed ant expert, not PPO.
 """
 from __future__ import annotations
 
@@ -192,8 +192,8 @@ def parse_args(argv=None) -> Args:
     defaults = {**dataclasses.asdict(Args()), **preset}              # what --help shows, per task and preset
     p = argparse.ArgumentParser(description="Internal RL reference implementation (arXiv 2512.20605).")
     for f in dataclasses.fields(Args):          # f.type is a string ("int", ...): annotations are postponed
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else \
-            dict(type={"int": int, "float": float, "str": str}[f.type])
+        kind = {"action": argparse.BooleanOptionalAction} if f.type == "bool" else \
+            {"type": {"int": int, "float": float, "str": str}[f.type]}
         p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
                        help=f"{f.metadata['help']} (default {defaults[f.name]!r})", **kind)
     given = vars(p.parse_args(argv))                                 # only the flags on the command line
@@ -225,7 +225,8 @@ def parse_args(argv=None) -> Args:
         if bad:
             die(msg)
     try:
-        ctrl_layers(args), obj_attn_blocks(args)                     # each raises a ValueError naming its flag
+        ctrl_layers(args)                                            # each raises a ValueError naming its flag
+        obj_attn_blocks(args)
     except ValueError as e:
         die(str(e))
     suffix = "" if args.preset == "default" else f"-{args.preset}"   # runs/grid-seed0, runs/grid-seed0-quick
@@ -254,11 +255,10 @@ def ctrl_layers(args: Args) -> list:
 
 # ---------------------------------------------------------------------------------------------------
 # 2. Plumbing: logging, and checkpoints that know what made them              # BOILERPLATE
-# Not part of the method. Each stage saves <out>/<name>.pt stamped with a *fingerprint*, and a rerun reuses it
-# only while that still matches: a hash of the stage's settings (CHECKPOINTS), its code (every function, class
-# and constant of sections 3-11 its entry points reach by name, as syntax trees, so comments do not count; the
-# env file for the stages that make data) and the checksum of the checkpoint it builds on. So editing mc_loss
-# retrains the metacontroller and internal RL; editing a figure, a comment or the README, nothing.
+# Not part of the method. Each stage saves <out>/<name>.pt with a *fingerprint*, reused only while it matches: a
+# hash of the stage's settings (CHECKPOINTS), its code (the functions, classes and constants of sections 3-11 it
+# reaches by name, as syntax trees: comments do not count; the env file for the stages that make data) and its
+# parent's checksum. Editing mc_loss retrains the metacontroller and internal RL; editing a comment, nothing.
 class Logger:
     """Print-first logging: one line per event, also appended to metrics.jsonl."""
     def __init__(self, out: str):
@@ -388,7 +388,7 @@ def ckpt_path(args: Args, name: str) -> str:
     return os.path.join(args.out, f"{name}.pt")
 
 def run_stage(args: Args, name: str, parent_sum: str, log: Logger, train) -> tuple:
-    """(<out>/<name>.pt, "reused") if its fingerprint matches, else (what ``train()`` returns, saved, "trained")."""
+    """(checkpoint, status): <out>/<name>.pt and "reused" if its fingerprint matches, else ``train()``'s, saved."""
     path, fp, tag = ckpt_path(args, name), fingerprint(args, name, parent_sum), f"{CHECKPOINTS[name][0]} {name}"
     ck = load_ckpt(path, fp, log, tag)
     if ck is not None:
@@ -418,11 +418,10 @@ def env_module(task: str):
 # 3. Data: expert trajectories D and D*, length-bucketed batches               [App. C.1.1, C.4.4]
 # D: expert trajectories on the 16 pretraining tasks (the expert may be epsilon-noisy); pretrains the model.
 # D*: the same with epsilon = 0; trains the controllers and the metacontroller (they need cleaner data).
-# A grid episode (gridworld.expert_episode) holds cells (T+1, 13): o_1..o_{T+1} in index form (the cells of
-# walls 0..3, colours 0..7, the agent: the paper's one-hot, losslessly); actions (T,); subgoals (T,), the true
-# g_t (for analysis only); next_colour (T,) and optimal (T, 4), for the diagnostics. Every grid pretraining
-# batch is fresh. The ant's expert is ~100x slower, so its D is a stored set (obs (T+1, 41), actions (T, 8),
-# subgoals (T,)) of --n-train successful episodes, generated once by --workers processes, kept as data.pt.
+# A grid episode (gridworld.expert_episode) holds cells (T+1, 13): o_1..o_{T+1} in index form (the cells of walls
+# 0..3, colours 0..7, the agent: the paper's one-hot, losslessly); actions (T,); subgoals (T,), the true g_t (for
+# analysis only); next_colour (T,), optimal (T, 4) for the diagnostics. Grid batches are always fresh; the ant's
+# expert is ~100x slower, so its D is a stored set (obs (T+1, 41), actions (T, 8), subgoals (T,)), kept as data.pt.
 
 def generate_episodes(rng: np.random.Generator, n: int, tasks, epsilon: float) -> list:
     """n expert episodes, each on a task drawn uniformly from ``tasks``."""
@@ -481,7 +480,7 @@ def ant_datasets(args: Args, log) -> dict:
         return {"expert": expert, "sets": {k: {f: torch.from_numpy(v) for f, v in d.items()} for k, d in sets.items()}}
 
     ck, status = run_stage(args, "data", "", log, generate)
-    out = {k: ant.split_episodes({f: v.numpy() for f, v in d.items()}) for k, d in ck["sets"].items()}
+    out = {name: ant.split_episodes({f: t.numpy() for f, t in tensors.items()}) for name, tensors in ck["sets"].items()}
     out.update(train_rng=np.random.default_rng(ss[4].spawn(1)[0]),              # batch sampling
                eval_seed=int(np.random.default_rng(ss[4]).integers(2 ** 31)),  # env seeds for rollouts
                expert=ck["expert"], checksum=ck["checksum"], status=status)    # (main() chains the checksum)
@@ -591,8 +590,8 @@ N_OFFSETS = (2 * gw.GRID - 1) ** 2          # 13 x 13 possible (row, col) offset
 
 class GPT(nn.Module):
     """Causal transformer over one token per time step [Sec. 4, Eq. 5]. forward() returns e_{t,l} for every l,
-    and adds a controller ``ctrl`` (x -> U x) at layer ``ctrl_layer``: e <- e + U e (Eq. 1), unseen by the
-    blocks above. Only the input embedding and the heads differ between the grid (4 actions) and the ant (8
+    and adds a controller ``ctrl`` (x -> U x) at layer ``ctrl_layer``: e <- e + U e (Eq. 1); the blocks above
+    see only the edited stream. Only the input embedding and the heads differ between the grid (4 actions) and the ant (8
     torques, a Gaussian head)."""
     def __init__(self, args: Args):
         super().__init__()
@@ -617,7 +616,7 @@ class GPT(nn.Module):
         max_steps = gw.MAX_STEPS if args.task == "grid" else ANT_MAX_STEPS
         self.register_buffer("buckets", relative_buckets(max_steps + 1, args.rel_buckets), persistent=False)
         # GPT-2 init: N(0, 0.02) weights, zero biases; the relative-bias embeddings keep their zeros
-        for emb in [self.agent_emb, self.obj_emb] if args.task == "grid" else []:
+        for emb in (self.agent_emb, self.obj_emb) if args.task == "grid" else ():   # the ant has no embeddings
             nn.init.normal_(emb.weight, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -658,7 +657,7 @@ class GPT(nn.Module):
         h = self.ln_f(x)                                                                  # (B, T, D)
         return self.action_head(h), self.obs_head(h), residuals
 
-    # What an action is differs by task; these four methods are the only place that knows.
+    # What an action is differs by task; these four methods hold that difference.
     def action_nll(self, act_out, actions, mask):
         """Mean -ln p(a_t | o_{1:t}) over real steps: cross-entropy (grid) or Gaussian NLL summed over joints (ant)."""
         if self.task == "grid":
@@ -686,8 +685,7 @@ class GPT(nn.Module):
         return ((obs_out - b["next_obs"]) ** 2).mean(-1)[b["mask"]].mean()
 
     # forward() cut in two at layer l (Alg. 1-2: lower_blocks, upper_blocks): the metacontroller reads e_{t,l} =
-    # lower(o_{1:t}) and writes e + U e into upper(); a controller at l never changes e_{t,l}, so lower() needs
-    # no gradients.
+    # lower(o_{1:t}), writes e + U e into upper(); a controller at l never changes e_{t,l}: lower() needs no grads.
     def lower(self, obs, layer: int):
         """obs (B, T, 13) -> e_{t,layer} (B, T, D): the embedding and blocks 1..layer."""
         x, objs = self.embed(obs)                                                # e_{t,0}   (B, T, D)
@@ -733,7 +731,7 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
         ctrl = None if ctrl_fn is None else (lambda e: ctrl_fn(e, g))          # told the true subgoal (analysis)
         act_out, _, _ = model(x, ctrl, ctrl_layer, cache)                               # (n, 1, 4)
         acts = model.sample(act_out[:, 0], gen)                                         # (n,) or (n, 8)
-        seen.append(x[:, 0])                                                            # (n, 13)
+        seen.append(x[:, 0])                                                            # (n, 13) or (n, 41)
         taken.append(acts)
         acts = acts.tolist() if model.task == "grid" else acts.cpu().numpy()
         for i, env in enumerate(envs):
@@ -839,7 +837,8 @@ def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
                                                  f"{m['opt_acc_ambiguous']:.3f} / pair-determined {m['opt_acc_pair']:.3f}")
             log("6 pretrain", f"eval step {step} | held-out nll {m['nll']:.3f}{fit} ({time.time() - te:.0f}s)", **curve[-1])
             t0, t_log = t0 + time.time() - te, t_log + time.time() - te             # evaluation is not training time
-    m = {("heldout_" + k if k in ("nll", "acc") else k): v for k, v in curve[-1].items() if k not in ("step", "minutes")}
+    rename = {"nll": "heldout_nll", "acc": "heldout_acc"}
+    m = {rename.get(k, k): v for k, v in curve[-1].items() if k not in ("step", "minutes")}
     metrics = {"steps": step, "episodes": step * args.batch_size, **m,          # the last step is always evaluated
                "train_time_s": time.time() - t0, "n_params": n_params, "curve": curve}
     return {"model": model.state_dict(), "metrics": metrics}
@@ -854,7 +853,7 @@ def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
 # with layer 0: the agent-centred input reads the subgoal above chance, as the agent is usually near its target.
 @torch.no_grad()
 def residual_features(model: GPT, episodes: list, device) -> tuple:
-    """Residuals of every real step at every layer and their subgoal labels: ([L+1 x (N, D)], (N,))."""
+    """Residuals of every real step at every layer and their subgoal labels: ([L+1 x (M, D)], (M,)), M steps."""
     model.eval()
     feats, labels = [[] for _ in range(model.n_layer + 1)], []                 # per layer: (n_real, D) chunks
     for b in batches_of(episodes, 256, device):
@@ -869,7 +868,7 @@ def residual_features(model: GPT, episodes: list, device) -> tuple:
 def train_probe(x_tr, y_tr, x_te, y_te, steps: int, lr: float) -> float:
     """Softmax probe p(g | e) = softmax(W e + b) (Eq. 6-7), full-batch AdamW; returns held-out accuracy."""
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-5       # standardise (train stats): one lr fits every layer, still linear
-    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd                                       # (N, D) each
+    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd                                       # (M, D) each
     probe = nn.Linear(x_tr.shape[1], int(max(y_tr.max(), y_te.max())) + 1).to(x_tr.device)  # one output per subgoal id
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
     for _ in range(steps):
@@ -883,7 +882,7 @@ def train_probe(x_tr, y_tr, x_te, y_te, steps: int, lr: float) -> float:
 def probe_all(model: GPT, episodes: list, layers: list, device, steps: int, lr: float) -> list:
     """Held-out probe accuracy at each layer; episodes split in halves (by episode, never by step)."""
     half = len(episodes) // 2
-    f_tr, y_tr = residual_features(model, episodes[:half], device)                        # [L+1 x (N, D)], (N,)
+    f_tr, y_tr = residual_features(model, episodes[:half], device)                        # [L+1 x (M, D)], (M,)
     f_te, y_te = residual_features(model, episodes[half:], device)
     with torch.random.fork_rng():          # probes must not shift the caller's random stream
         torch.manual_seed(0)
@@ -935,7 +934,7 @@ def train_controllers(args: Args, model: GPT, layer: int, episodes: list, device
     opt = torch.optim.AdamW(ctrl.parameters(), lr=args.ctrl_lr, weight_decay=args.weight_decay)
     rng, t0 = np.random.default_rng(args.seed + 100 + layer), time.time()
     for step in range(1, args.ctrl_steps + 1):
-        idx = rng.integers(len(episodes), size=args.ctrl_batch)  # a batch of D* episodes, with replacement
+        idx = rng.integers(len(episodes), size=args.ctrl_batch)  # a batch of ``episodes``, with replacement
         b = collate([episodes[i] for i in idx], device)
         g = b["subgoals"].clamp(min=0)                                           # padding -> any id (masked)
         act_out, _, _ = model(b["obs"], lambda x: ctrl(x, g), layer)             # Eq. 1 at ``layer``
@@ -955,25 +954,26 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
     succeeds in ~1/16 of episodes). Returns the checkpoint: the ``metrics`` and the ``controllers`` per layer."""
     t0, post_task = time.time(), env_module(args.task).POSTTRAIN_TASK
     n_post, ev = len(post_task), dict(n=args.n_eval, device=device)
-    rollout_pair = lambda **kw: (rollout(model, None, seed=data["eval_seed"], pretrain_tasks=True, **ev, **kw),
-                                 rollout(model, post_task, seed=data["eval_seed"] + 10 ** 6, **ev, **kw))
-    base_pre, base_post = rollout_pair()        # the fixed evaluation: pretraining tasks, post-training task
+    def evaluate(**kw):                          # the fixed evaluation: pretraining tasks, post-training task
+        return (rollout(model, None, seed=data["eval_seed"], pretrain_tasks=True, **ev, **kw),
+                rollout(model, post_task, seed=data["eval_seed"] + 10 ** 6, **ev, **kw))
+    base_pre, base_post = evaluate()
     log("8 controllers", f"base model alone: success pretraining tasks {base_pre['success']:.3f}, "
         f"post-training task {base_post['success']:.3f} ({base_post['colours']:.1f} of {n_post} colours)")
     layers, pre, post, states = ctrl_layers(args), {}, {}, {}
     for i, l in enumerate(layers):
         ctrl = train_controllers(args, model, l, data["dstar_train"], device, log)
-        pre[l], post[l] = (r["success"] for r in rollout_pair(ctrl_fn=ctrl, ctrl_layer=l))
+        pre[l], post[l] = (r["success"] for r in evaluate(ctrl_fn=ctrl, ctrl_layer=l))
         states[str(l)] = ctrl.state_dict()
         log("8 controllers", f"layer {l}: success pretraining tasks {pre[l]:.3f} | post-training task {post[l]:.3f} | "
             f"{eta(t0, i + 1, len(layers))}", layer=l, pretrain=pre[l], posttrain=post[l])
     metrics = {"base_success": base_post["success"], "base_success_pretrain": base_pre["success"],
                "controller_success": [post.get(l) for l in range(args.n_layer + 1)],      # None: not trained
                "controller_success_pretrain": [pre.get(l) for l in range(args.n_layer + 1)]}
-    # A diagnostic (grid; not the paper's protocol, which trains on D* only): controllers at L/2 trained on D*
-    # plus as many expert episodes of the post-training task itself. If these steer the novel order where the
-    # D* controllers do not, a linear edit at L/2 *can* steer the model there, and what fails is the transfer
-    # from D*, which never shows a subgoal that the history rules out.
+    # A diagnostic (grid; not the paper's protocol, which trains on D* only): controllers at L/2 trained on D* plus
+    # as many expert episodes of the post-training task. If these steer the novel order where the D* ones do not,
+    # a linear edit at L/2 *can* steer the model there; what fails is the transfer from D*, which never shows a
+    # subgoal that the history rules out.
     mid = args.n_layer // 2
     if args.ctrl_oracle and args.task == "grid" and mid in post:
         n = args.n_dstar // 2
@@ -982,11 +982,11 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
         torch.manual_seed(args.seed + 5)
         mixed = [ep for pair in zip(data["dstar_train"][:n], extra) for ep in pair]                 # alternating
         ctrl = train_controllers(args, model, mid, mixed, device, log)
-        o_pre, o_post = (r["success"] for r in rollout_pair(ctrl_fn=ctrl, ctrl_layer=mid))
+        o_pre, o_post = (r["success"] for r in evaluate(ctrl_fn=ctrl, ctrl_layer=mid))
         metrics.update(controller_success_oracle=o_post, controller_success_oracle_pretrain=o_pre)
         log("8 controllers", f"layer {mid}, diagnostic: controllers trained on D* + post-training expert episodes (not "
             f"the protocol): success pretraining tasks {o_pre:.3f} | post-training task {o_post:.3f} (D* controllers: "
-            f"{post[mid]:.3f})", oracle=o_post, oracle_pretrain=o_pre)
+            f"{post[mid]:.3f})", controller_success_oracle=o_post)
     return {"metrics": {**metrics, "train_time_s": time.time() - t0}, "controllers": states}
 
 
@@ -1001,7 +1001,7 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
 #     rho_t = pi(act_t | s_{1:t}) / pi_old(act_t | s_{1:t}),
 #
 # like GRPO without groups. What differs between the methods is only *what an action is* (section 11 is written
-# as a diff against this one; the lines that differ carry # ALGO LOGIC):
+# as a diff against this one; in sections 9 and 11 the lines that differ carry # ALGO LOGIC):
 #   token-level RL: act_t = the primitive move a_t at every env step, pi = the whole base model (finetuned);
 #   internal RL:    act_k = the code z at the k-th switch only, pi = a small causal policy over z; the base
 #                   model and the metacontroller's decoder are part of the environment.
@@ -1093,12 +1093,12 @@ def token_rl(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
 #   U_t    = f_hyp(z_t) = A(z_t) B(z_t)^T       the hypernetwork decoder, rank r (the ant: D)        (Eq. 18)
 #   e_t   <- e_t + U_t e_t                      then the frozen upper blocks predict a_t             (Eq. 11)
 # Loss (Eq. 3 with lambda = 0):  sum_t [ -ln p(a_t | o_{1:t}, z_{1:t}) + alpha KL(N(mu_t, Sigma_t) || N(0, I)) ].
-# The KL is charged at *every* step, not weighted by beta (App. E.1: the relaxed per-step KL is this whatever
-# beta is; weighting it by beta is a bug a public re-implementation shipped). Switching comes out sparse because
-# a proposal that beta ignores can sit at the prior for free: one code per subgoal, sent at its start, buys the
-# subgoal's NLL for a few nats, a rate-distortion trade-off set by alpha (Fig. 7).
+# The KL is charged at *every* step, not weighted by beta (App. E.1; weighting it by beta is a bug a public
+# re-implementation shipped). Switching comes out sparse because a proposal that beta ignores can sit at the prior
+# for free: one code per subgoal, sent at its start, buys its NLL for a few nats; alpha sets the trade-off (Fig. 7).
 # Shapes: e (B, T, D), the frozen model's e_{t,L/2} on D* episodes; s (B, H), H = mc_hidden; h (B, T, H); mu,
-# logvar and z (B, T, Z), Z = n_z; beta (B, T), beta_1 = 1 (the first step always picks a code); A, B (B, T, D, r).
+# logvar and z (B, T, Z), Z = n_z; beta (B, T), beta_1 = 1 (the first step always picks a code); the factors
+# A, B (B, T, D, r) of U_t, formed only by factors() (apply() contracts without them).
 # The forced-switching ablation (App. C.4.1) trains the same module with beta_t = 1 at every step.
 
 def gaussian_kl(mu, logvar):
@@ -1276,8 +1276,7 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
     labels; the alignment scores D*[:n_probe/2]) and trained again to --mc-steps (the paper reports the median of
     3). Returns the checkpoint: the ``metrics`` and both metacontrollers' weights, ``mc`` and ``mc_forced``."""
     t0, mid, held = time.time(), args.n_layer // 2, data["dstar_heldout"]
-    train = lambda seed, steps, forced=False: train_metacontroller(args, model, data["dstar_train"], device, log,
-                                                                   seed, steps, forced)
+    train = functools.partial(train_metacontroller, args, model, data["dstar_train"], device, log)  # (seed, steps)
     screen, candidates, mcs = args.mc_screen or args.mc_steps, [], {}
     for i in range(args.mc_seeds if args.mc_seeds > 1 else 0):
         seed = args.seed + 1000 * i
@@ -1355,8 +1354,8 @@ class InternalAgent:
         e = x[:, 0]                                                                       # (n, D) e_t
         if self.t == 0 or self.forced:                                   # t = 1, or the beta = 1 ablation
             decide = torch.ones(e.shape[0], dtype=torch.bool, device=e.device)
-        else:                                                                    # ALGO LOGIC: Heaviside(beta - 0.5)
-            decide = self.mc.switch_prob(e, self.h, self.z) >= 0.5                       # (n,) beta_t = f_switch
+        else:                                                            # beta_t = f_switch(e_t, h_{t-1}, z_{t-1})
+            decide = self.mc.switch_prob(e, self.h, self.z) >= 0.5       # ALGO LOGIC: Heaviside(beta_t - 0.5), (n,)
         out, h_pi = self.pi.gru(e[:, None], self.h_pi)                                  # (n, 1, irl_hidden)
         mu = self.pi.mu(out[:, 0])
         z_new = mu + self.pi.log_std.exp() * torch.randn(mu.shape, generator=self.gen, device=e.device)  # ALGO LOGIC: z ~ pi
@@ -1398,7 +1397,8 @@ def internal_rl(args: Args, model: GPT, mc: MetaController, data: dict, device, 
     test_seed = data["eval_seed"] + 2 * 10 ** 6                                         # env seeds unused so far
     agent = InternalAgent(mc, policy, args.rl_eval, test_seed + 1, forced)
     test = rollout(model, post, args.rl_eval, test_seed, device, ctrl_fn=agent, ctrl_layer=mid, record=True)
-    m["decisions_per_episode"] = float(agent.decisions(test["lengths"])[2].sum(1).mean())
+    _, _, mask = agent.decisions(test["lengths"])                                       # (n, N)
+    m["decisions_per_episode"] = float(mask.sum(1).mean())
     return {"metrics": rl_report(args, name, m, test, data, log, t0), "policy": policy.state_dict()}
 
 

@@ -770,12 +770,11 @@ def action_metrics(model: GPT, episodes: list, device) -> dict:
     nll, n, acc, hit = 0.0, 0, 0, {0: [0, 0], 1: [0, 0]}                   # parity -> [optimal argmax, steps]
     for b in batches_of(episodes, 256 if model.task == "grid" else 32, device):
         act_out, m = model(b["obs"])[0], b["mask"]                                     # (B, T, 4), (B, T)
+        n += int(m.sum())                                                                # real steps
         if model.task == "ant":
             nll -= model.action_logp(act_out, b["actions"])[m].sum().item()
-            n += int(m.sum())
             continue
         nll += F.cross_entropy(act_out[m], b["actions"][m], reduction="sum").item()       # summed over real steps
-        n += int(m.sum())
         pred = act_out.argmax(-1)                                                         # (B, T) the greedy action
         acc += int((pred == b["actions"])[m].sum())
         opt = b["optimal"].gather(-1, pred[..., None])[..., 0]                       # (B, T) argmax optimal?

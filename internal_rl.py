@@ -18,8 +18,8 @@ performs them (the section banners below carry these numbers)
     9. The RL toolkit and token-level RL (App. C.5.2: clipped ratio, no critic, one advantage per episode)
     10. Stage "metacontroller": learns without labels controllers U_t = f_hyp(z_t) and when to switch between
         them (beta_t) (Sec. 6, Eq. 2-3)
-    11. Internal RL: a causal policy picks a code z only when the frozen switch fires, the frozen model acts;
-        against token-level RL, on a subgoal order pretraining never showed (Sec. 8, Alg. 1-3)
+    11. Internal RL: a causal policy picks a code z only when the frozen switch fires; against token-level RL on
+        a subgoal order pretraining never showed (Sec. 8, Alg. 1-3); App. E.2's variance argument as a toy
     12. Figures
     13. main(): the stages in order
 
@@ -1400,14 +1400,43 @@ def internal_rl(args: Args, model: GPT, mc: MetaController, data: dict, device, 
     m["decisions_per_episode"] = float(mask.sum(1).mean())
     return {"metrics": rl_report(args, name, m, test, data, log, t0), "policy": policy.state_dict()}
 
+# Why codes help credit assignment (App. E.2), as a toy: one abstract action, a code z = mu + eps (eps ~ N(0, I_Z))
+# held for K primitive steps a_t ~ N(W z, I_d) (W: the frozen decoder and model, linearised), one terminal reward
+# r = 1[v . mean_t a_t > 0]. Two unbiased estimators of the gradient of E[r] with respect to mu:
+#   raw actions (through the actions' likelihood):  g_raw = r sum_t grad_z log pi(a_t | z) = r W^T sum_t (a_t - W z)
+#   internal RL (a bandit over z):                  g_z   = r grad_mu log N(z; mu, I)    = r eps
+# g_raw sums K noisy d-dimensional terms: tr Var[g_raw] / tr Var[g_z] ~ K ||W||_F^2 / Z, about K d / Z.
+
+def variance_toy(seed: int, Z: int = 8, Ks=(1, 2, 4, 8, 16, 32, 64), ds=(2, 8, 32), n: int = 20000) -> dict:
+    """The measured ratio tr Var[g_raw] / tr Var[g_z] at mu = 0, n samples per (d, K): ``ratio`` (len(ds), len(Ks));
+    ``mean_gap_se``: the largest difference of the two estimators' means, in standard errors (both unbiased);
+    ``predicted``: K ||W||_F^2 / Z per (d, K)."""
+    rng, ratio, gaps, predicted = np.random.default_rng(seed), [], [], []
+    for d in ds:
+        W = rng.normal(0, 1 / math.sqrt(Z), (d, Z))                                      # (d, Z) z -> mean action
+        v = rng.normal(size=d)                                                            # (d,) the rewarded direction
+        ratio.append([])
+        predicted.append([K * float((W ** 2).sum()) / Z for K in Ks])
+        for K in Ks:
+            eps = rng.normal(size=(n, Z))                                                 # (n, Z) z = mu + eps, mu = 0
+            noise = rng.normal(0, math.sqrt(K), (n, d))   # (n, d) sum_t (a_t - W z): K steps of N(0, I_d), summed
+            r = ((eps @ W.T + noise / K) @ v > 0).astype(float)[:, None]                 # (n, 1) the terminal reward
+            g_raw = r * (noise @ W)                                   # ALGO LOGIC: r W^T sum_t (a_t - W z)   (n, Z)
+            g_z = r * eps                                             # ALGO LOGIC: r eps, the code-level estimator
+            ratio[-1].append(float(g_raw.var(0).sum() / g_z.var(0).sum()))
+            gaps.append(float((abs(g_raw.mean(0) - g_z.mean(0)) / np.sqrt((g_raw.var(0) + g_z.var(0)) / n)).max()))
+    return {"Z": Z, "K": list(Ks), "d": list(ds), "ratio": ratio, "predicted": predicted, "mean_gap_se": max(gaps)}
+
 
 # ---------------------------------------------------------------------------------------------------
 # 12. Figures
-FIGURES = ("env.png", "probe_accuracy.png", "controller_success.png", "beta_traces.png", "rl_curves.png")
+FIGURES = ("env.png", "probe_accuracy.png", "controller_success.png", "beta_traces.png", "rl_curves.png",
+           "variance_ratio.png")
 
 def make_figures(args: Args, results: dict) -> list:
     """The run's PNGs: the env (Fig. 2), probe accuracy by layer (Fig. 3/A1), controller success by layer
-    (Fig. 4), switching-gate traces (Fig. 6/A3) and RL curves (Fig. 8). A stage without results loses its figure."""
+    (Fig. 4), switching-gate traces (Fig. 6/A3), RL curves (Fig. 8) and the App. E.2 toy's variance ratio. A stage
+    without results loses its figure."""
     import matplotlib
     matplotlib.use("Agg")                                           # files only, no screen
     import matplotlib.pyplot as plt
@@ -1479,6 +1508,15 @@ def make_figures(args: Args, results: dict) -> list:
             smooth = np.convolve(c[:, 1], np.ones(w), "same") / np.convolve(np.ones(len(c)), np.ones(w), "same")
             ax[0].plot(c[:, 0], smooth, label=f"{lab} (test {r[k]['success']:.2f})")
         save(fig, ax[0])
+    if "variance_toy" in r:                                         # App. E.2's argument, measured (section 11)
+        v = r["variance_toy"]
+        fig, ax = figure("variance_ratio.png", f"Gradient variance, raw actions / codes (dotted: K ||W||^2 / Z, Z = "
+                         f"{v['Z']})", xlabel="primitive steps K per code", ylabel="tr Var[g_raw] / tr Var[g_z]",
+                         xscale="log", yscale="log")
+        for i, (d, row) in enumerate(zip(v["d"], v["ratio"])):
+            ax[0].plot(v["K"], row, "o-", color=f"C{i}", label=f"action dimension d = {d}")
+            ax[0].plot(v["K"], v["predicted"][i], ":", color=f"C{i}")
+        save(fig, ax[0])
     for stale in {os.path.join(args.out, f) for f in FIGURES} - set(paths):    # figures of stages without results
         if os.path.exists(stale):
             os.remove(stale)
@@ -1535,6 +1573,10 @@ def main(argv=None) -> dict:
         if kept or dropped:
             log("13 main", f"results.json keeps the stages not run now whose checkpoints still fit: "
                 f"{', '.join(kept) or 'none'}; leaves out those that no longer fit: {', '.join(dropped) or 'none'}")
+        if "internal_rl" in results:            # App. E.2's toy beside the RL results: seconds, no checkpoint
+            vt = results["variance_toy"] = variance_toy(args.seed)
+            log("11 variance toy", f"tr Var[g_raw] / tr Var[g_z] at K = {vt['K'][0]} / {vt['K'][-1]} steps per code: "
+                + ", ".join(f"{row[0]:.1f} / {row[-1]:.0f} (d = {d})" for d, row in zip(vt["d"], vt["ratio"])))
         figs = [] if stopped else make_figures(args, results)   # (an interrupted run keeps the old figures)
         results.update(stage_status=status, stage_time_s=stage_time, wall_time_s=time.time() - t_start,
                        **({"stopped": stopped} if stopped else {}))

@@ -1222,3 +1222,12 @@ def test_boundary_f1_on_a_hand_made_example():
     two = ir.boundary_f1([[0, 0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0]], [[0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1]],
                          [7, 7])                                            # episode 2 has one boundary (t = 1)
     assert two["recall"] == 2 / 3 and two["precision"] == 1.0
+
+
+def test_variance_toy_code_level_estimator_has_horizon_free_variance():
+    v = ir.variance_toy(0, Ks=(1, 4, 16, 64), ds=(2, 16), n=8000)
+    assert v["mean_gap_se"] < 4.5                                           # both estimators unbiased: same mean
+    for row, pred in zip(v["ratio"], v["predicted"]):
+        assert all(b > 2 * a for a, b in zip(row, row[1:]))                 # grows with the steps K per code ...
+        assert all(0.8 < x / p < 1.25 for x, p in zip(row, pred))          # ... like K ||W||_F^2 / Z (App. E.2)
+    assert v["ratio"][1][0] > 4 * v["ratio"][0][0]                          # and with the action dimension d

@@ -17,18 +17,17 @@ performs them (the section banners below carry these numbers)
        the frozen model? (Sec. 5.2, Fig. 4)
     9. The RL toolkit and token-level RL (App. C.5.2: clipped ratio, no critic, one advantage per episode)
     10. Stage "metacontroller": learns without labels controllers U_t = f_hyp(z_t) and when to switch between
-        them (beta_t) (Sec. 6, Eq. 2-3)
+        them (beta_t) (Sec. 6, Eq. 2-3); Fig. 7's rate-distortion sweep, frozen base against co-trained
     11. Internal RL: a causal policy picks a code z only when the frozen switch fires; against token-level RL on
         a subgoal order pretraining never showed (Sec. 8, Alg. 1-3); App. E.2's variance argument as a toy
     12. Figures
     13. main(): the stages in order
 
-Commands (a 2-core CPU is enough)
-    python internal_rl.py --task grid                      # every stage, the default preset
-    python internal_rl.py --task grid --preset quick       # every stage in a few minutes: a smoke run, a demo
+Commands (a 2-core CPU is enough; --help lists every setting with the chosen task's and preset's defaults)
+    python internal_rl.py --task grid [--preset quick]     # every stage (quick: in minutes, a smoke run, a demo)
     python internal_rl.py --task grid --stop-after probe   # or: pretrain, controllers, metacontroller, rl
-    python internal_rl.py --task ant                       # the MuJoCo ant (MUJOCO_GL=egl for its picture)
-    python internal_rl.py --task grid --help               # every setting, with this task's and preset's defaults
+    python internal_rl.py --task grid --sweep alpha        # Fig. 7's rate-distortion sweep (end of section 10)
+    MUJOCO_GL=egl python internal_rl.py --task ant         # the MuJoCo ant
     python -m pytest -q test_internal_rl.py                # the tests
 Outputs go to --out (default runs/<task>-seed<seed>[-quick]): checkpoints, metrics.jsonl (the log as JSON), the
 figures and results.json. Reruns reuse every stage whose settings and code are unchanged (section 2; --fresh: none);
@@ -36,10 +35,9 @@ after Ctrl-C, rerun the same command. Log lines start with the number of the sec
 
 Notation (shape comments use these letters)
     B batch (episodes; n in rollouts)   T time steps   D residual width (n_embd)   L blocks (n_layer)   nh heads,
-    hs = D / nh   G subgoals (4: colour pairs on the grid, colours on the ant)   r controller rank   Z code size
-    (n_z)   H the metacontroller's hidden size (mc_hidden)   N decisions per episode (internal RL)   T' actions
-    per episode (env steps, or decisions)   e_{t,l} the residual at step t after block l (l = 0: the input
-    embedding)   U = A B^T a D x D controller (A, B: its D x r factors, not the batch size)
+    hs = D / nh   G subgoals (4: colour pairs on the grid, colours on the ant)   r controller rank   Z code size (n_z)
+    H the metacontroller's hidden size (mc_hidden)   N decisions per episode (internal RL)   T' actions per episode
+    (steps or decisions)   e_{t,l} the residual at step t after block l (0: the embedding)   U = A B^T (A, B: D x r)
 
 Deviations (the README's table gives reasons): a CPU-sized model and budget (d=64, 4 blocks; the paper: d=256,
 6 blocks, ~400x the episodes); an agent-centred embedding, object attention (section 4); GRUs for Hawk SSMs; a KL
@@ -68,7 +66,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gridworld as gw
-
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Args: every setting, presets per task
@@ -103,8 +100,7 @@ class Args:
     n_layer: int = arg(4, "transformer blocks L (Table A4: 6)")
     n_head: int = arg(4, "attention heads")
     n_embd: int = arg(64, "residual width D (Table A4: 256)")
-    obj_attn: str = arg("", "grid: blocks that also attend over the current step's 12 objects (section 4): 'last', "
-                            "a comma list of 1..L, or '' for none")
+    obj_attn: str = arg("", "grid: blocks that also attend over their step's objects: 'last', a list of 1..L, or ''")
     mlp_mult: int = arg(4, "MLP hidden = mlp_mult * n_embd (ReLU, Table A16)")
     rel_buckets: int = arg(32, "relative-position attention-bias buckets (Table A16: 32)")
     # -- pretraining (section 6) --
@@ -127,8 +123,7 @@ class Args:
     ctrl_lr: float = arg(3e-3, "controller learning rate (Table A7: 1e-3)")
     ctrl_layers: str = arg("all", "layers to train controllers at: 'all' (0..L), 'mid' (L/2) or a comma list")
     n_eval: int = arg(500, "evaluation episodes per task family (pretraining tasks / post-training task)")
-    ctrl_oracle: bool = arg(True, "grid diagnostic, not the paper's protocol: also train controllers at L/2 on D* "
-                                  "plus expert episodes of the post-training task (can the model be steered there?)")
+    ctrl_oracle: bool = arg(True, "grid diagnostic (not the protocol): controllers at L/2 on D* + post-training episodes")
     # -- the RL toolkit and token-level RL (section 9) --
     rl_episodes: int = arg(24576, "training episodes per RL method (every method gets the same budget)")
     rl_batch: int = arg(256, "episodes per RL batch (Table A13: 1024)")
@@ -145,10 +140,12 @@ class Args:
     mc_batch: int = arg(128, "D* episodes per metacontroller batch")
     mc_lr: float = arg(3e-3, "metacontroller learning rate (Table A9: 1e-3)")
     mc_kl_warmup: int = arg(600, "steps over which alpha ramps up from 0 (the paper: none)")
-    mc_gumbel: float = arg(0.0, "Gumbel-sigmoid temperature of beta in training, 0 = plain sigmoid (the paper's "
-                                "default; Gumbel in its rate-distortion plot)")
+    mc_gumbel: float = arg(0.0, "Gumbel-sigmoid temperature of beta in training (0: plain sigmoid, the paper's default)")
     mc_seeds: int = arg(1, "metacontroller seeds screened; the one with the lowest held-out Eq. 3 is kept")
     mc_screen: int = arg(0, "with --mc-seeds > 1: steps each seed trains before the choice (0: all --mc-steps)")
+    sweep: str = arg("", "'alpha': Fig. 7's sweep (frozen and co-trained metacontrollers) instead of the later stages")
+    sweep_steps: int = arg(400, "--sweep: optimiser steps of each frozen-base metacontroller")
+    cotrain_steps: int = arg(1500, "--sweep: joint optimiser steps of each co-trained base model and metacontroller")
     # -- internal RL (section 11) --
     irl_lr: float = arg(1e-3, "AdamW learning rate of the internal-RL policy (Table A13: 3e-5)")
     irl_hidden: int = arg(64, "GRU width of the causal z-policy (Table A13: a 1-layer SSM of width 256)")
@@ -162,7 +159,7 @@ ANT = dict(n_train=2500, action_noise=0.03, n_heldout=200, n_dstar=400, n_embd=1
            rl_episodes=1024, rl_batch=64, rl_eval=200)
 QUICK = dict(n_heldout=400, n_dstar=1000, n_probe=1000, eval_every=200, log_every=100, ctrl_layers="mid",
              ctrl_steps=150, n_eval=100, ctrl_oracle=False, mc_steps=200, mc_batch=64, mc_kl_warmup=60,
-             mc_seeds=2, mc_screen=100, rl_episodes=1024, rl_batch=128, rl_eval=200)
+             mc_seeds=2, mc_screen=100, rl_episodes=1024, rl_batch=128, rl_eval=200, sweep_steps=100, cotrain_steps=200)
 ANT_QUICK = dict(n_train=300, n_heldout=40, n_dstar=60, n_probe=60, pretrain_steps=150, eval_every=50, ctrl_steps=50,
                  n_eval=20, mc_steps=20, mc_batch=16, mc_kl_warmup=6, mc_seeds=1, mc_screen=0, rl_episodes=64,
                  rl_batch=32, rl_eval=20, expert_eval=40)
@@ -181,8 +178,8 @@ def parse_args(argv=None) -> Args:
     """Read --task and --preset first (they set the defaults --help shows), then every flag; bad input exits
     with one line that names the fix."""
     pre = argparse.ArgumentParser(add_help=False)                   # a first pass that knows two flags only
-    pre.add_argument("--task", default=Args.task)
-    pre.add_argument("--preset", default=Args.preset)
+    for name in ("task", "preset"):
+        pre.add_argument("--" + name, default=getattr(Args, name))
     first, _ = pre.parse_known_args(argv)
     if first.task not in PRESETS:
         die(f"unknown --task {first.task!r}; valid choices: {', '.join(PRESETS)}")
@@ -218,6 +215,8 @@ def parse_args(argv=None) -> Args:
               (args.mc_screen > args.mc_steps, f"--mc-screen ({args.mc_screen}) must be at most --mc-steps ({args.mc_steps})"),
               (args.n_embd % args.n_head != 0, f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})"),
               (not grid and not args.n_train, "--task ant needs a stored dataset: --n-train must be positive"),
+              (args.sweep not in ("", "alpha"), f"unknown --sweep {args.sweep!r}; valid choice: alpha"),
+              (not grid and args.sweep, "--sweep is for the grid (its co-trained runs draw fresh expert episodes)"),
               (args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()),
                f"--device {args.device!r} is not available here; valid choices: auto, cpu"
                + (", cuda" if torch.cuda.is_available() else " (no CUDA device found)"))]
@@ -252,13 +251,11 @@ def ctrl_layers(args: Args) -> list:
     return layer_list(args.ctrl_layers, {"all": list(range(args.n_layer + 1)), "mid": [args.n_layer // 2]}, 0,
                       args.n_layer, "--ctrl-layers")
 
-
 # ---------------------------------------------------------------------------------------------------
 # 2. Plumbing: logging, and checkpoints that know what made them              # BOILERPLATE
-# Not part of the method. Each stage saves <out>/<name>.pt with a *fingerprint*, reused only while it matches: a
-# hash of the stage's settings (CHECKPOINTS), its code (the functions, classes and constants of sections 3-11 it
-# reaches by name, as syntax trees: comments do not count; the env file for the stages that make data) and its
-# parent's checksum. Editing mc_loss retrains the metacontroller and internal RL; editing a comment, nothing.
+# Not part of the method. Each stage saves <out>/<name>.pt with a *fingerprint*, reused only while it matches: a hash
+# of its settings (CHECKPOINTS), its code (what of sections 3-11 it reaches by name, as syntax trees, and the env file
+# for the stages that make data) and its parent's checksum. Edit mc_loss: the metacontroller retrains; a comment: nothing.
 class Logger:
     """Print-first logging: one line per event, also appended to metrics.jsonl."""
     def __init__(self, out: str):
@@ -302,6 +299,8 @@ CHECKPOINTS = {
     "token_rl": (9, "pretrain", RL_FIELDS + ("token_lr",), ("token_rl",)),
     "internal_rl": (11, "metacontroller", RL_FIELDS + ("irl_lr", "irl_hidden"), ("internal_rl",)),
     "internal_rl_no_temporal": (11, "metacontroller", RL_FIELDS + ("irl_lr", "irl_hidden"), ("internal_rl",)),
+    "sweep": (10, "pretrain", ("n_dstar", "n_probe", "alpha", "n_z", "mc_hidden", "mc_enc_hidden", "ctrl_rank", "mc_batch",
+              "mc_lr", "bucket_batches", "sweep_steps", "cotrain_steps", "irl_lr", "irl_hidden") + RL_FIELDS, ("alpha_sweep",)),
 }
 
 def syntax(tree) -> str:
@@ -413,11 +412,10 @@ def env_module(task: str):
     """The env file of a task: gridworld.py, or ant_tasks.py (imported only for the ant)."""
     return gw if task == "grid" else importlib.import_module("ant_tasks")
 
-
 # ---------------------------------------------------------------------------------------------------
 # 3. Data: expert trajectories D and D*, length-bucketed batches               [App. C.1.1, C.4.4]
-# D: expert trajectories on the 16 pretraining tasks (the expert may be epsilon-noisy); pretrains the model.
-# D*: the same with epsilon = 0; trains the controllers and the metacontroller (they need cleaner data).
+# D: expert trajectories on the 16 pretraining tasks (epsilon-noisy, if asked) pretrain the model; D*, the same with
+# epsilon = 0, trains the controllers and the metacontroller.
 # A grid episode (gridworld.expert_episode) holds cells (T+1, 13): o_1..o_{T+1} in index form (the cells of walls
 # 0..3, colours 0..7, the agent: the paper's one-hot, losslessly); actions (T,); subgoals (T,), the true g_t (for
 # analysis only); next_colour (T,), optimal (T, 4) for the diagnostics. Grid batches are always fresh; the ant's
@@ -500,12 +498,11 @@ def make_datasets(args: Args, log=None) -> dict:
             "dstar_heldout": generate_episodes(rngs[3], args.n_dstar, gw.PRETRAIN_TASKS, 0.0),
             "eval_seed": int(rngs[4].integers(2 ** 31))}                       # env seeds for rollouts
 
-
 # ---------------------------------------------------------------------------------------------------
 # 4. The base model: a causal transformer with an explicit residual stream       [Sec. 4, App. D.1]
-# An ordinary autoregressive model: one token per time step (the embedded o_t), causal self-attention over the
-# past, and at every step a distribution over the action a_t and the next observation o_{t+1} (Eq. 5). No
-# action tokens: the previous action can be read off o_{t-1}, o_t. What matters later is the *residual stream*:
+# An ordinary autoregressive model: one token per time step (the embedded o_t), causal self-attention over the past,
+# and per step a distribution over the action a_t and the next observation o_{t+1} (Eq. 5; no action tokens: a_{t-1}
+# can be read off o_{t-1}, o_t). What matters later is the *residual stream*:
 # every pre-norm block adds its output to the running vector, e_{t,l} = e_{t,l-1} + attn(...) + mlp(...), a
 # workspace every later block reads, so a linear edit at one depth (section 8) is seen by all blocks above it.
 # Object attention (grid, --obj-attn; a deviation): the input embedding *sums* a step's 12 object embeddings,
@@ -589,10 +586,9 @@ OBJ_TYPE = torch.tensor([8] * gw.N_WALLS + list(range(gw.N_COLOURS)))
 N_OFFSETS = (2 * gw.GRID - 1) ** 2          # 13 x 13 possible (row, col) offsets between two cells
 
 class GPT(nn.Module):
-    """Causal transformer over one token per time step [Sec. 4, Eq. 5]. forward() returns e_{t,l} for every l,
-    and adds a controller ``ctrl`` (x -> U x) at layer ``ctrl_layer``: e <- e + U e (Eq. 1); the blocks above
-    see only the edited stream. Only the input embedding and the heads differ between the grid (4 actions) and the ant (8
-    torques, a Gaussian head)."""
+    """Causal transformer over one token per time step [Sec. 4, Eq. 5]. forward() returns e_{t,l} for every l, and
+    adds a controller ``ctrl`` (x -> U x) at layer ``ctrl_layer``: e <- e + U e (Eq. 1); the blocks above see only
+    the edited stream. Grid and ant differ only in the input embedding and the heads (4 actions; 8 torques)."""
     def __init__(self, args: Args):
         super().__init__()
         D, self.n_layer, self.task = args.n_embd, args.n_layer, args.task
@@ -685,7 +681,7 @@ class GPT(nn.Module):
         return ((obs_out - b["next_obs"]) ** 2).mean(-1)[b["mask"]].mean()
 
     # forward() cut in two at layer l (Alg. 1-2: lower_blocks, upper_blocks): the metacontroller reads e_{t,l} =
-    # lower(o_{1:t}), writes e + U e into upper(); a controller at l never changes e_{t,l}: lower() needs no grads.
+    # lower(o_{1:t}) and writes e + U e into upper(); a controller at l never changes e_{t,l}.
     def lower(self, obs, layer: int):
         """obs (B, T, 13) -> e_{t,layer} (B, T, D): the embedding and blocks 1..layer."""
         x, objs = self.embed(obs)                                                # e_{t,0}   (B, T, D)
@@ -700,7 +696,6 @@ class GPT(nn.Module):
             x = block(x, self.buckets, None, objs)
         return self.action_head(self.ln_f(x))                                    # (B, T, 4)
 
-
 # ---------------------------------------------------------------------------------------------------
 # 5. Rollouts: the frozen model, optionally controlled, acting in the env
 # At step t the model sees o_{1:t} (the whole history, as in pretraining), a_t is sampled from p(a_t | o_{1:t})
@@ -709,10 +704,9 @@ class GPT(nn.Module):
 @torch.no_grad()
 def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_layer: int = -1,
             pretrain_tasks: bool = False, record: bool = False) -> dict:
-    """n episodes in lock-step; episode i has env seed ``seed + i`` (and with ``pretrain_tasks`` the pretraining
-    task i mod 16). ``ctrl_fn(x, g)``: a controller at ``ctrl_layer``, told each episode's true subgoal g (n, 1).
-    Returns the mean ``success`` and ``colours`` (task colours visited); with ``record`` (for RL) also ``obs``
-    (n, T, 13), ``actions`` (n, T), ``lengths`` (n,) and ``rewards`` (n,)."""
+    """n episodes in lock-step; episode i has env seed ``seed + i`` (with ``pretrain_tasks``: pretraining task i mod 16).
+    ``ctrl_fn(x, g)``: a controller at ``ctrl_layer``, told the true subgoals g (n, 1). Returns the mean ``success`` and
+    ``colours`` visited; with ``record`` (RL) also ``obs`` (n, T, 13), ``actions``, ``lengths`` and ``rewards``."""
     E = env_module(model.task)                      # env classes, not gymnasium's vector envs: no autoreset
     make = E.GridPinpadEnv if model.task == "grid" else E.AntPinpadEnv
     envs = [make(max_steps=E.MAX_STEPS) for _ in range(n)]          # (the limit is read here: tests shorten it)
@@ -750,22 +744,19 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
                    rewards=torch.tensor([float(env.success) for env in envs], device=device))  # (n,)
     return out
 
-
 # ---------------------------------------------------------------------------------------------------
 # 6. Stage "pretrain": next-action prediction                                   [Eq. 5, App. C.1]
 #     L(theta) = sum_t [ -ln p(a_t | o_{1:t}) - lambda ln p(o_{t+1} | o_{1:t}) ]                   (Eq. 5)
-# Nothing here mentions subgoals: no task label, no reward. To predict the expert's next move, though, the model
-# must infer in context which colour it is heading for, from the colours visited before (the pair rule: after
-# colour 2k comes 2k+1; which pair comes next depends on the task). The paper's claim: this latent "current
-# subgoal" then sits linearly in the mid-depth residual stream (section 7) and can be steered (section 8). The
-# pair-rule split of action_metrics(), logged at every evaluation, shows whether the model tracks the task.
+# Nothing here mentions subgoals: no task label, no reward. To predict the expert's next move the model must infer in
+# context which colour it is heading for, from the colours visited (the pair rule: after colour 2k comes 2k+1; which
+# pair comes next depends on the task). The paper's claim: this latent "current subgoal" sits linearly in the mid-
+# depth residual stream (section 7) and can be steered (section 8); action_metrics() shows whether it tracks the task.
 @torch.no_grad()
 def action_metrics(model: GPT, episodes: list, device) -> dict:
-    """Held-out action NLL (the ant: Gaussian, summed over joints), and on the grid the accuracy and the pair-rule
-    split: ``opt_acc_ambiguous`` is how often the argmax is an optimal expert action on steps heading to the
-    *first* colour of a pair (which pair comes next is at best partly known from the history), ``opt_acc_pair``
-    on steps heading to the *second* (fully set by the colour just visited). A model that tracks the task has
-    pair >> ambiguous; local heuristics give them equal."""
+    """Held-out action NLL (the ant: Gaussian, summed over joints), and on the grid the accuracy and the pair-rule split:
+    ``opt_acc_ambiguous`` is how often the argmax is an optimal expert action on steps heading to the *first* colour of
+    a pair (which pair comes next is at best partly known from the history), ``opt_acc_pair`` on steps heading to the
+    *second* (set by the colour just visited). A model that tracks the task has pair >> ambiguous."""
     model.eval()
     nll, n, acc, hit = 0.0, 0, 0, {0: [0, 0], 1: [0, 0]}                   # parity -> [optimal argmax, steps]
     for b in batches_of(episodes, 256 if model.task == "grid" else 32, device):
@@ -842,12 +833,11 @@ def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
                "train_time_s": time.time() - t0, "n_params": n_params, "curve": curve}
     return {"model": model.state_dict(), "metrics": metrics}
 
-
 # ---------------------------------------------------------------------------------------------------
 # 7. Stage "probe": linear probes of the current subgoal                 [Sec. 5.1, Eq. 6-7, Fig. 3/A1]
 # Is the current subgoal g_t (the colour pair being worked on) *linearly* readable from e_{t,l}? Per layer we fit
-# p(g_t = g | e_{t,l}) = softmax(W_l e_{t,l} + b_l)_g (Eq. 6-7) on held-out D* episodes and score it on others
-# (split by episode: its steps are correlated). The paper sees ~0.3 at the input rise to ~0.5 mid-depth (Fig. A1).
+# p(g_t = g | e_{t,l}) = softmax(W_l e_{t,l} + b_l)_g (Eq. 6-7) on held-out D* episodes, scored on others (split by
+# episode). The paper sees ~0.3 at the input rise to ~0.5 mid-depth (Fig. A1).
 # The label is the subgoal's identity, not its index in the task (a public re-implementation's bug). Compare
 # with layer 0: the agent-centred input reads the subgoal above chance, as the agent is usually near its target.
 @torch.no_grad()
@@ -898,15 +888,13 @@ def probe_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict
     metrics = {"probe_accuracy": acc, "probe_gap_mid": acc[mid] - acc[0], "train_time_s": time.time() - t0}
     return {"metrics": metrics}
 
-
 # ---------------------------------------------------------------------------------------------------
 # 8. Stage "controllers": ground-truth residual-stream controllers        [Eq. 1, Sec. 5.2, Fig. 4, Table A7]
 # Probing says the information is there; control asks whether the model *uses* it. Eq. 1 inserts a linear
 # controller at layer l, e_{t,l} <- e_{t,l} + U_t e_{t,l}, and blocks l+1..L process the edited stream as if
 # nothing happened. One controller per subgoal g, low-rank as in LoRA: U^(g) = A_g B_g^T, A_g, B_g in R^{D x r}
-# (the ant: full rank, Table A8); the true subgoal picks U_t = U^(g_t). If the stream encodes the subgoal
-# linearly, U can *steer* the frozen model, and switching controllers in the right order should solve subgoal
-# orders pretraining never showed.
+# (the ant: full rank, Table A8); the true subgoal picks U_t = U^(g_t). If U can *steer* the frozen model,
+# switching controllers in the right order should solve subgoal orders pretraining never showed.
 # Training minimises -sum_t ln p(a_t | o_{1:t}, g_t) on D* (Table A7). Evaluation switches controllers by the
 # env's true subgoal and counts successes on the pretraining tasks (does it steer?) and on the post-training task
 # 0-1-2-3-4-5-6-7-0-1-2-3 (does steering compose into an unseen order?). The paper finds L/2 best (Fig. 4).
@@ -969,10 +957,9 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
     metrics = {"base_success": base_post["success"], "base_success_pretrain": base_pre["success"],
                "controller_success": [post.get(l) for l in range(args.n_layer + 1)],      # None: not trained
                "controller_success_pretrain": [pre.get(l) for l in range(args.n_layer + 1)]}
-    # A diagnostic (grid; not the paper's protocol, which trains on D* only): controllers at L/2 trained on D* plus
-    # as many expert episodes of the post-training task. If these steer the novel order where the D* ones do not,
-    # a linear edit at L/2 *can* steer the model there; what fails is the transfer from D*, which never shows a
-    # subgoal that the history rules out.
+    # A diagnostic (grid; not the paper's protocol, which trains on D* only): controllers at L/2 trained on D* plus as
+    # many post-training expert episodes. If these steer the novel order where the D* ones do not, a linear edit at
+    # L/2 *can* steer there; what fails is the transfer from D*, which never shows a subgoal the history rules out.
     mid = args.n_layer // 2
     if args.ctrl_oracle and args.task == "grid" and mid in post:
         n = args.n_dstar // 2
@@ -988,7 +975,6 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
             f"{post[mid]:.3f})", controller_success_oracle=o_post)
     return {"metrics": {**metrics, "train_time_s": time.time() - t0}, "controllers": states}
 
-
 # ---------------------------------------------------------------------------------------------------
 # 9. The RL toolkit and token-level RL                                    [Sec. 8.3-8.4, App. C.5.2]
 # The post-training task (0-1-2-3-4-5-6-7-0-1-2-3) pays 1 when all 12 colours are visited in order, else 0. Its
@@ -999,14 +985,12 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
 #     L = -E_tau [ sum_t min( rho_t A_tau, clip(rho_t, 1 - eps, 1 + eps) A_tau ) ],
 #     rho_t = pi(act_t | s_{1:t}) / pi_old(act_t | s_{1:t}),
 #
-# like GRPO without groups. What differs between the methods is only *what an action is* (section 11 is written
-# as a diff against this one; in sections 9 and 11 the lines that differ carry # ALGO LOGIC):
+# like GRPO without groups. The methods differ only in *what an action is* (the lines marked # ALGO LOGIC):
 #   token-level RL: act_t = the primitive move a_t at every env step, pi = the whole base model (finetuned);
 #   internal RL:    act_k = the code z at the k-th switch only, pi = a small causal policy over z; the base
 #                   model and the metacontroller's decoder are part of the environment.
 # Token-level RL starts from the pretrained model, which on this task essentially never succeeds (Sec. 8.4:
 # about once in a million episodes); with no success in a batch every advantage is 0 and nothing is learned.
-
 def trajectory_advantage(rewards):
     """A_tau = (R - mean_B R) / (std_B R + 1e-3) (App. C.5.2): one number per episode (B,)."""
     return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-3)       # ALGO LOGIC: (B,)
@@ -1024,10 +1008,9 @@ def step_mask(lengths, T: int):
     return (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).float()
 
 def rl_train(args: Args, tag: str, collect, logp_fn, params, lr_flag: str, seed: int, log: Logger) -> dict:
-    """The shared RL loop (Alg. 3): collect B episodes with the current policy, one advantage per episode,
-    ``rl_epochs`` full-batch steps on the clipped objective, until ``rl_episodes`` are used (learning rate: the
-    setting ``lr_flag``). ``collect(n, seed)`` -> a batch with ``rewards`` (B,), ``mask`` (B, T') and what
-    ``logp_fn(batch)`` reads to return (B, T') log-probabilities. Returns the curve [episodes, batch success]."""
+    """The shared RL loop (Alg. 3): collect B episodes with the current policy, one advantage per episode, ``rl_epochs``
+    full-batch steps on the clipped objective (lr: the setting ``lr_flag``), until ``rl_episodes`` are used. ``collect(n,
+    seed)``: a batch with ``rewards`` (B,), ``mask`` (B, T') and what ``logp_fn(batch)`` reads for its (B, T') log-probs."""
     lr = getattr(args, lr_flag.replace("-", "_"))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.999))   # Table A13: wd 0
     curve, episodes, t0 = [], 0, time.time()
@@ -1072,13 +1055,11 @@ def token_rl(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
     def collect(n, s):
         r = rollout(policy, post, n, s, device, record=True)
         return {**r, "mask": step_mask(r["lengths"], r["actions"].shape[1])}              # (B, T) steps taken
-
     logp_fn = lambda b: policy.action_logp(policy(b["obs"])[0], b["actions"])   # ALGO LOGIC: act = a_t, every step
     m = rl_train(args, "9 token_rl", collect, logp_fn, list(policy.parameters()), "token-lr",
                  data["eval_seed"] + 3 * 10 ** 6, log)
     test = rollout(policy, post, args.rl_eval, data["eval_seed"] + 2 * 10 ** 6, device)    # env seeds unused so far
     return {"metrics": rl_report(args, "token_rl", m, test, data, log, t0), "policy": policy.state_dict()}
-
 
 # ---------------------------------------------------------------------------------------------------
 # 10. Stage "metacontroller": discovering subgoals and when to switch        [Sec. 6, Eq. 2-3, App. D.2, Table A9]
@@ -1095,10 +1076,8 @@ def token_rl(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
 # The KL is charged at *every* step, not weighted by beta (App. E.1; weighting it by beta is a bug a public
 # re-implementation shipped). Switching comes out sparse because a proposal that beta ignores can sit at the prior
 # for free: one code per subgoal, sent at its start, buys its NLL for a few nats; alpha sets the trade-off (Fig. 7).
-# Shapes: e (B, T, D), the frozen model's e_{t,L/2} on D* episodes; s (B, H), H = mc_hidden; h (B, T, H); mu,
-# logvar and z (B, T, Z), Z = n_z; beta (B, T), beta_1 = 1 (the first step always picks a code); the factors
-# A, B (B, T, D, r) of U_t, formed only by factors() (apply() contracts without them).
-# The forced-switching ablation (App. C.4.1) trains the same module with beta_t = 1 at every step.
+# Shapes: e (B, T, D) = e_{t,L/2} on D*; s (B, H); h (B, T, H); mu, logvar, z (B, T, Z); beta (B, T), beta_1 = 1 (the
+# first step always picks a code); A, B (B, T, D, r). The forced ablation (App. C.4.1): beta_t = 1 at every step.
 
 def gaussian_kl(mu, logvar):
     """KL(N(mu, diag exp(logvar)) || N(0, I)) summed over the last axis (the alpha term of Eq. 3)."""
@@ -1109,16 +1088,14 @@ class MetaController(nn.Module):
         super().__init__()
         D, Z, H, E, r = args.n_embd, args.n_z, args.mc_hidden, args.mc_enc_hidden, args.ctrl_rank or args.n_embd
         self.D, self.r, self.gumbel = D, r, args.mc_gumbel
-        # f_emb: a bidirectional GRU over the whole sequence, its outputs averaged over the real steps (our
-        # choice of pooling; the paper does not say), then linear
+        # f_emb: a bidirectional GRU, its outputs averaged over the real steps (our choice: the paper does not say)
         self.embedder = nn.GRU(D, H, batch_first=True, bidirectional=True)                # Eq. 13
         self.emb_out = nn.Linear(2 * H, H)
         self.history = nn.GRU(D, H, batch_first=True)                                    # Eq. 12
         self.encoder = nn.Sequential(nn.Linear(D + H + H, E), nn.ReLU(), nn.Linear(E, 2 * Z))  # Eq. 14
         self.switch = nn.Sequential(nn.Linear(D + H + Z, E), nn.ReLU(), nn.Linear(E, 1))       # Eq. 16
         self.decoder = nn.Sequential(nn.Linear(Z, H), nn.ReLU(), nn.Linear(H, 2 * D * r))      # Eq. 18
-        # LoRA-style start: the A half of the decoder's output is exactly 0 (U = 0, the identity), the B half
-        # is random, so the first gradient step already moves U.
+        # LoRA-style start: the decoder's A half is exactly 0 (U = 0, the identity), its B half random (so U moves)
         last = self.decoder[2]
         with torch.no_grad():
             last.weight[:D * r].zero_()
@@ -1132,15 +1109,9 @@ class MetaController(nn.Module):
         return out[..., 0, :, :], out[..., 1, :, :]
 
     def apply(self, z, e):
-        """U(z_t) e_t = A(z_t) (B(z_t)^T e_t) at every step: z (B, T, Z), e (B, T, D) -> (B, T, D). A and B are
-        linear in the decoder's hidden layer h (A = W_A h + b_A, B = W_B h + b_B; W_A, W_B: (D, r, H)), so both
-        products are contractions with W_A, W_B and no (B, T, D, r) factor is formed: the numbers of factors(z)
-        (a test checks), several times faster."""
-        h = self.decoder[1](self.decoder[0](z))                                          # (B, T, H)
-        W = self.decoder[2].weight.view(2, self.D, self.r, -1)                           # W_A, W_B (D, r, H)
-        b = self.decoder[2].bias.view(2, self.D, self.r)                                 # b_A, b_B (D, r)
-        Bte = torch.einsum("btd,drh,bth->btr", e, W[1], h) + e @ b[1]                    # B(z)^T e    (B, T, r)
-        return torch.einsum("btr,bth,drh->btd", Bte, h, W[0]) + Bte @ b[0].T             # Eq. 18: A(z) B(z)^T e
+        """U(z_t) e_t at every step: z (B, T, Z), e (B, T, D) -> (B, T, D), never forming the D x D matrix U."""
+        A, B = self.factors(z)                                                           # (B, T, D, r) each
+        return (A @ (B.transpose(-1, -2) @ e[..., None]))[..., 0]                        # Eq. 18: A (B^T e)
 
     def switch_prob(self, e, h_prev, z_prev, noisy: bool = False):
         """beta_t = f_switch(e_t, h_{t-1}, z_{t-1}) (Eq. 16): causal, no access to s. (B, D), (B, H), (B, Z) -> (B,)
@@ -1185,8 +1156,7 @@ class MetaController(nn.Module):
 
 def mc_loss(model: GPT, mc: MetaController, b: dict, layer: int, alpha: float, forced: bool = False):
     """Eq. 3 with lambda = 0 on a D* batch: action NLL through the frozen model + alpha * the mean per-step KL."""
-    with torch.no_grad():
-        e = model.lower(b["obs"], layer)                 # (B, T, D) frozen; a controller never changes e_{t,l}
+    e = model.lower(b["obs"], layer)           # (B, T, D); a controller never changes e_{t,l}; frozen: no graph
     lengths = b["mask"].sum(1)                                                           # (B,)
     z, kl, beta = mc(e, lengths, forced)
     act_out = model.upper(e + mc.apply(z, e), layer, b["obs"])                           # ALGO LOGIC: Eq. 11, (B, T, 4)
@@ -1198,7 +1168,8 @@ def mc_loss(model: GPT, mc: MetaController, b: dict, layer: int, alpha: float, f
 def boundary_f1(beta, subgoals, lengths, tol: int = 1) -> dict:
     """Switches (beta >= 0.5) against true subgoal changes, per episode, matched within +-tol steps; beta and
     subgoals (B, T) tensors or lists, lengths (B,). Step 1 never counts (every episode starts with a code); a
-    switch matches at most one boundary and vice versa. Returns precision, recall, F1 and the switch rate."""
+    switch matches at most one boundary and vice versa. Returns precision, recall, F1, the switch rate and the
+    ``switches`` per episode (step 1's included, as the paper counts them in Fig. 7)."""
     tp = n_pred = n_true = n_steps = 0
     for bt, g, n in zip(*(x.tolist() if torch.is_tensor(x) else x for x in (beta, subgoals, lengths))):
         pred = [t for t in range(1, n) if bt[t] >= 0.5]                                   # switch steps
@@ -1211,20 +1182,17 @@ def boundary_f1(beta, subgoals, lengths, tol: int = 1) -> dict:
         tp, n_pred, n_true, n_steps = tp + len(used), n_pred + len(pred), n_true + len(true), n_steps + max(n - 1, 0)
     prec, rec = tp / max(n_pred, 1), tp / max(n_true, 1)
     return {"precision": prec, "recall": rec, "f1": 2 * prec * rec / max(prec + rec, 1e-9),
-            "switch_rate": n_pred / max(n_steps, 1)}
+            "switch_rate": n_pred / max(n_steps, 1), "switches": 1 + n_pred / max(len(lengths), 1)}
 
 @torch.no_grad()
 def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int, device) -> dict:
     """Held-out switch statistics with posterior means (no sampling), NLL, KL and example traces of beta."""
     betas, subgoals, nll, kl, n = [], [], 0.0, 0.0, 0                   # per episode, real steps only
     for b in batches_of(episodes, 256, device):
-        e = model.lower(b["obs"], layer)
-        m = b["mask"]
-        lengths = m.sum(1)                                                                # (B,)
+        e, m, lengths = model.lower(b["obs"], layer), b["mask"], b["mask"].sum(1)           # e (B, T, D), lengths (B,)
         z, k, beta = mc(e, lengths, sample=False)                                         # posterior means: z~_t = mu_t
         nll -= model.action_logp(model.upper(e + mc.apply(z, e), layer, b["obs"]), b["actions"])[m].sum().item()
-        kl += k[m].sum().item()
-        n += int(m.sum())
+        kl, n = kl + k[m].sum().item(), n + int(m.sum())
         betas += [bt[:T] for bt, T in zip(beta.tolist(), lengths.tolist())]                # real steps only
         subgoals += [g[:T] for g, T in zip(b["subgoals"].tolist(), lengths.tolist())]
     out = boundary_f1(betas, subgoals, [len(bt) for bt in betas])
@@ -1241,15 +1209,18 @@ def collapse_verdict(rate: float, kl: float) -> str:
     return "COLLAPSED: it switches at (almost) every step" if rate > 0.9 else "sparse switching"
 
 def train_metacontroller(args: Args, model: GPT, episodes: list, device, log: Logger, seed: int, steps: int,
-                         forced: bool = False) -> MetaController:
-    """Minimise Eq. 3 on the D* ``episodes`` for ``steps`` steps from seed ``seed``, the base model frozen."""
-    model.requires_grad_(False).eval()       # the base model is frozen: gradients reach only the metacontroller
+                         forced: bool = False, joint: bool = False) -> MetaController:
+    """Minimise Eq. 3 on the D* ``episodes`` for ``steps`` steps from seed ``seed``, the base model frozen; ``joint``
+    (the co-trained baseline, App. C.4.2): the base model is trained too, on fresh expert episodes like D*."""
+    model.requires_grad_(joint).train(joint)         # frozen: gradients reach only the metacontroller
     torch.manual_seed(seed + (7 if forced else 0))
-    mc = MetaController(args).to(device)                                                  # the only trainable part
-    opt = torch.optim.AdamW(mc.parameters(), lr=args.mc_lr, weight_decay=args.weight_decay)
+    mc = MetaController(args).to(device)
+    params = list(mc.parameters()) + (list(model.parameters()) if joint else [])         # the trainable parts
+    opt = torch.optim.AdamW(params, lr=args.mc_lr, weight_decay=args.weight_decay)
     rng = np.random.default_rng(seed + (300 if forced else 200))
-    stream = bucketed_batches(rng, sample_from(rng, episodes), args.mc_batch, args.bucket_batches, device)
-    tag, t0 = "10 metacontroller" + ("-forced" if forced else ""), time.time()
+    draw = (lambda n: generate_episodes(rng, n, gw.PRETRAIN_TASKS, 0.0)) if joint else sample_from(rng, episodes)
+    stream = bucketed_batches(rng, draw, args.mc_batch, args.bucket_batches, device)
+    tag, t0 = "10 metacontroller" + ("-forced" if forced else "-cotrained" if joint else ""), time.time()
     for step in range(1, steps + 1):
         b = next(stream)
         # KL warm-up: with the full alpha from step 1 the encoder learns to send nothing (KL -> 0, a collapsed
@@ -1258,7 +1229,7 @@ def train_metacontroller(args: Args, model: GPT, episodes: list, device, log: Lo
         loss, nll, kl, beta, mask = mc_loss(model, mc, b, args.n_layer // 2, alpha, forced)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(mc.parameters(), args.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         check_finite(tag, step, "mc-lr", args, loss=loss.item(), gradient_norm=gnorm.item())
         opt.step()
         if step % args.log_every == 0 or step == steps:
@@ -1266,14 +1237,14 @@ def train_metacontroller(args: Args, model: GPT, episodes: list, device, log: Lo
             log(tag, f"seed {seed} step {step}/{steps} | nll {nll.item():.3f} | kl {kl.item():.3f} | switch rate "
                 f"{rate:.3f} | {eta(t0, step, steps)}", seed=seed, step=step, nll=nll.item(), kl=kl.item(),
                 switch_rate=rate)
+    model.requires_grad_(False).eval()
     return mc
 
 def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
-    """Train the metacontroller and its forced-switching ablation; measure switch alignment on held-out D*. Seeds
-    matter (some send nothing, some the whole task in the first code, some switch at subgoal boundaries), so
-    --mc-seeds seeds train --mc-screen steps, the lowest Eq. 3 on held-out D*[n_probe/2:n_probe] is kept (no
-    labels; the alignment scores D*[:n_probe/2]) and trained again to --mc-steps (the paper reports the median of
-    3). Returns the checkpoint: the ``metrics`` and both metacontrollers' weights, ``mc`` and ``mc_forced``."""
+    """Train the metacontroller and its forced-switching ablation; score switch alignment on held-out D*[:n_probe/2].
+    Seeds matter (the paper reports the median of 3): --mc-seeds seeds train --mc-screen steps, the lowest Eq. 3 on
+    held-out D*[n_probe/2:n_probe] (no labels) is trained again to --mc-steps. Returns the checkpoint: the
+    ``metrics`` and both metacontrollers' weights, ``mc`` and ``mc_forced``."""
     t0, mid, held = time.time(), args.n_layer // 2, data["dstar_heldout"]
     train = functools.partial(train_metacontroller, args, model, data["dstar_train"], device, log)  # (seed, steps)
     screen, candidates, mcs = args.mc_screen or args.mc_steps, [], {}
@@ -1305,22 +1276,47 @@ def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger
                "mc_seed": chosen, "mc_candidates": candidates, "train_time_s": time.time() - t0}
     return {"metrics": metrics, "mc": mc.state_dict(), "mc_forced": mc_forced.state_dict()}
 
+SWEEP_ALPHAS, COTRAIN_ALPHAS, SWEEP_SEEDS, SWEEP_GUMBEL = (0, 0.05, 0.1, 0.17, 0.3, 0.5, 1), (0, 0.1, 0.3, 1), 3, 1.0
+
+def alpha_sweep(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
+    """Rate against distortion (Fig. 7, App. C.6; --sweep alpha): each run's held-out action NLL against its KL per step,
+    over Eq. 3's alpha. Frozen base: SWEEP_SEEDS runs per alpha; the paper finds those that switch at subgoal boundaries
+    set apart from slightly lower-rate ones by a gap in NLL, so a wide range of alpha lands on them. Co-trained (App.
+    C.4.2: a fresh base model trained jointly on Eq. 3), one run per COTRAIN_ALPHAS: no such gap, mostly one switch.
+    "Aligned": switch F1 >= 0.9 (the paper labels by hand); beta is a Gumbel-sigmoid in training, the KL warm-up a fifth
+    of each run's steps. Then internal RL on the co-trained run at --alpha. Returns {"metrics"}, also sweep.json."""
+    t0, mid, held = time.time(), args.n_layer // 2, data["dstar_heldout"][:args.n_probe // 2]
+    jobs = [("frozen", a, args.seed + 1000 * i) for a in SWEEP_ALPHAS for i in range(SWEEP_SEEDS)] + \
+        [("co-trained", a, args.seed) for a in sorted({*COTRAIN_ALPHAS, args.alpha})]
+    runs, cotrained = [], None
+    for j, (cond, alpha, seed) in enumerate(jobs):
+        torch.manual_seed(seed)
+        base = model if cond == "frozen" else GPT(args).to(device)              # co-trained: a fresh base model
+        steps = args.sweep_steps if cond == "frozen" else args.cotrain_steps
+        run_args = dataclasses.replace(args, alpha=alpha, mc_gumbel=SWEEP_GUMBEL, mc_kl_warmup=steps // 5)
+        mc = train_metacontroller(run_args, base, data["dstar_train"], device, log, seed, steps, joint=cond != "frozen")
+        al = switch_alignment(base, mc, held, mid, device)
+        runs.append({"condition": cond, "alpha": alpha, "seed": seed, "nll": al["nll"], "kl": al["kl"],
+                     "switches": al["switches"], "f1": al["f1"], "aligned": al["f1"] >= 0.9})
+        log("10 sweep", f"{cond} alpha {alpha} seed {seed}: nll {al['nll']:.3f} | kl {al['kl']:.3f} | "
+            f"{al['switches']:.2f} switches per episode | F1 {al['f1']:.3f} | {eta(t0, j + 1, len(jobs))}", **runs[-1])
+        cotrained = (base, mc) if cond == "co-trained" and alpha == args.alpha else cotrained
+    rl = internal_rl(args, *cotrained, data, device, log, forced=False)["metrics"]    # the frozen one's budget
+    return {"metrics": {"runs": runs, "cotrained_internal_rl": rl, "sweep_steps": args.sweep_steps,
+                        "cotrain_steps": args.cotrain_steps, "train_time_s": time.time() - t0}}
 
 # ---------------------------------------------------------------------------------------------------
 # 11. Internal RL: RL in the metacontroller's code space                 [Sec. 8.1-8.2, Alg. 1-3, App. D.3]
-# Section 9's loop with a different agent: the non-causal encoder (it saw the future) gives way to a causal policy
-# pi(z | e at the decisions so far); the base model, history GRU, switching unit and decoder are frozen, part of
-# the environment (Alg. 1-2). At step t:
+# Section 9's loop with a different agent: a causal policy pi(z | e at the decisions so far) replaces the non-causal
+# encoder; the base model, history GRU, switching unit and decoder are frozen, part of the env (Alg. 1-2). At step t:
 #   e_t = lower_blocks(o_{1:t})                      the frozen model sees the whole history (KV cache)
 #   switch if t = 1 or beta_t = f_switch(e_t, h_{t-1}, z_{t-1}) >= 0.5        (binarised, Alg. 2)
 #   on a switch: z ~ pi(. | e at this and the earlier switches)              <- the RL action
 #   otherwise:   z unchanged, so U = f_hyp(z) unchanged (a temporally-abstract action)
 #   a_t ~ upper_blocks(e_t + U e_t); env.step(a_t)
-# So the RL "episode" is the handful of switch points (about 6 if they sit at subgoal boundaries), not ~60
-# primitive steps: credit assignment shrinks accordingly (App. E.2). The policy starts as the prior N(0, I), the
-# codes the decoder was trained on; the forced ablation (beta = 1) draws a new z at every step.
-# Shapes: e_dec (B, N, D) and z_dec (B, N, Z), the residuals and codes at each episode's N decisions; mask (B, N).
-
+# So the RL "episode" is the handful of switch points (about 6 if they sit at subgoal boundaries), not ~60 primitive
+# steps (App. E.2). The policy starts as the prior N(0, I), the codes the decoder was trained on; the forced ablation
+# (beta = 1) draws a new z at every step. Shapes: e_dec (B, N, D), z_dec (B, N, Z) at each episode's N decisions.
 class ZPolicy(nn.Module):
     """pi(z_k | e_{t_1..t_k}): a GRU over the residuals at decision points, a Gaussian over z (init: N(0, I))."""
     def __init__(self, args: Args):
@@ -1389,7 +1385,6 @@ def internal_rl(args: Args, model: GPT, mc: MetaController, data: dict, device, 
         r = rollout(model, post, n, s, device, ctrl_fn=agent, ctrl_layer=mid, record=True)
         e_dec, z_dec, mask = agent.decisions(r["lengths"])                              # ALGO LOGIC: act = z at switches
         return {"rewards": r["rewards"], "e": e_dec, "z": z_dec, "mask": mask}
-
     logp_fn = lambda b: policy.log_prob(b["e"], b["z"])                                  # ALGO LOGIC: log pi(z | e)
     m = rl_train(args, f"11 {name}", collect, logp_fn, list(policy.parameters()), "irl-lr",
                  data["eval_seed"] + 3 * 10 ** 6, log)
@@ -1400,13 +1395,12 @@ def internal_rl(args: Args, model: GPT, mc: MetaController, data: dict, device, 
     m["decisions_per_episode"] = float(mask.sum(1).mean())
     return {"metrics": rl_report(args, name, m, test, data, log, t0), "policy": policy.state_dict()}
 
-# Why codes help credit assignment (App. E.2), as a toy: one abstract action, a code z = mu + eps (eps ~ N(0, I_Z))
-# held for K primitive steps a_t ~ N(W z, I_d) (W: the frozen decoder and model, linearised), one terminal reward
-# r = 1[v . mean_t a_t > 0]. Two unbiased estimators of the gradient of E[r] with respect to mu:
+# Why codes help credit assignment (App. E.2), as a toy: a code z = mu + eps (eps ~ N(0, I_Z)) held for K primitive
+# steps a_t ~ N(W z, I_d) (W: the frozen decoder and model, linearised), one terminal reward r = 1[v . mean_t a_t > 0].
+# Two unbiased estimators of the gradient of E[r] with respect to mu:
 #   raw actions (through the actions' likelihood):  g_raw = r sum_t grad_z log pi(a_t | z) = r W^T sum_t (a_t - W z)
 #   internal RL (a bandit over z):                  g_z   = r grad_mu log N(z; mu, I)    = r eps
 # g_raw sums K noisy d-dimensional terms: tr Var[g_raw] / tr Var[g_z] ~ K ||W||_F^2 / Z, about K d / Z.
-
 def variance_toy(seed: int, Z: int = 8, Ks=(1, 2, 4, 8, 16, 32, 64), ds=(2, 8, 32), n: int = 20000) -> dict:
     """The measured ratio tr Var[g_raw] / tr Var[g_z] at mu = 0, n samples per (d, K): ``ratio`` (len(ds), len(Ks));
     ``mean_gap_se``: the largest difference of the two estimators' means, in standard errors (both unbiased);
@@ -1427,11 +1421,10 @@ def variance_toy(seed: int, Z: int = 8, Ks=(1, 2, 4, 8, 16, 32, 64), ds=(2, 8, 3
             gaps.append(float((abs(g_raw.mean(0) - g_z.mean(0)) / np.sqrt((g_raw.var(0) + g_z.var(0)) / n)).max()))
     return {"Z": Z, "K": list(Ks), "d": list(ds), "ratio": ratio, "predicted": predicted, "mean_gap_se": max(gaps)}
 
-
 # ---------------------------------------------------------------------------------------------------
 # 12. Figures
 FIGURES = ("env.png", "probe_accuracy.png", "controller_success.png", "beta_traces.png", "rl_curves.png",
-           "variance_ratio.png")
+           "variance_ratio.png", "rate_distortion.png")
 
 def make_figures(args: Args, results: dict) -> list:
     """The run's PNGs: the env (Fig. 2), probe accuracy by layer (Fig. 3/A1), controller success by layer
@@ -1517,11 +1510,22 @@ def make_figures(args: Args, results: dict) -> list:
             ax[0].plot(v["K"], row, "o-", color=f"C{i}", label=f"action dimension d = {d}")
             ax[0].plot(v["K"], v["predicted"][i], ":", color=f"C{i}")
         save(fig, ax[0])
+    if "sweep" in r:                                                # Fig. 7: rate against distortion (section 10)
+        fig, ax = figure("rate_distortion.png", "Rate against distortion over alpha (numbers: switches per episode; "
+                         "ring: switch F1 >= 0.9)", (6, 3.8), xlabel="distortion: held-out action NLL per step",
+                         ylabel="rate: KL per step")
+        ax[0].set_yscale("symlog", linthresh=0.01)                  # alpha = 0 sends far more than the rest
+        for p in (runs := r["sweep"]["runs"]):
+            first = p is next(q for q in runs if q["condition"] == p["condition"])        # one legend entry each
+            ax[0].scatter(p["nll"], p["kl"], c="C0" if p["condition"] == "frozen" else "C3", s=60 if p["aligned"] else 18,
+                          marker="o" if p["condition"] == "frozen" else "s", label=p["condition"] if first else None,
+                          edgecolors="k" if p["aligned"] else "none")
+            ax[0].annotate(f"{p['switches']:.1f}", (p["nll"], p["kl"]), fontsize=5, xytext=(3, 2), textcoords="offset points")
+        save(fig, ax[0])
     for stale in {os.path.join(args.out, f) for f in FIGURES} - set(paths):    # figures of stages without results
         if os.path.exists(stale):
             os.remove(stale)
     return paths
-
 
 # ---------------------------------------------------------------------------------------------------
 # 13. main(): the stages in order
@@ -1575,15 +1579,15 @@ def main(argv=None) -> dict:
                 f"{', '.join(kept) or 'none'}; leaves out those that no longer fit: {', '.join(dropped) or 'none'}")
         if "internal_rl" in results:            # App. E.2's toy beside the RL results: seconds, no checkpoint
             vt = results["variance_toy"] = variance_toy(args.seed)
-            log("11 variance toy", f"tr Var[g_raw] / tr Var[g_z] at K = {vt['K'][0]} / {vt['K'][-1]} steps per code: "
-                + ", ".join(f"{row[0]:.1f} / {row[-1]:.0f} (d = {d})" for d, row in zip(vt["d"], vt["ratio"])))
+            log("11 variance toy", f"tr Var[g_raw] / tr Var[g_z] at K = {vt['K'][0]} / {vt['K'][-1]} steps per code: " +
+                ", ".join(f"{row[0]:.1f} / {row[-1]:.0f} (d = {d})" for d, row in zip(vt["d"], vt["ratio"])))
         figs = [] if stopped else make_figures(args, results)   # (an interrupted run keeps the old figures)
         results.update(stage_status=status, stage_time_s=stage_time, wall_time_s=time.time() - t_start,
                        **({"stopped": stopped} if stopped else {}))
         atomic_write(os.path.join(args.out, "results.json"),
                      lambda f: f.write(json.dumps(finite(results), indent=1, allow_nan=False).encode()))
         if not stopped:
-            log("13 main", f"done in {results['wall_time_s'] / 60:.1f} min (stage {args.stop_after}) | results.json "
+            log("13 main", f"done in {results['wall_time_s'] / 60:.1f} min ({'the sweep' if args.sweep else 'stage ' + args.stop_after}) | results.json "
                 f"and figures in {args.out}: {', '.join(os.path.basename(f) for f in figs)}")
         return results
 
@@ -1606,6 +1610,11 @@ def main(argv=None) -> dict:
         model = GPT(args).to(device)
         model.load_state_dict(ck["model"])       # (a checkpoint that matches its fingerprint has this code's shapes)
         model.requires_grad_(False).eval()       # frozen from here on
+        if args.sweep:                           # Fig. 7's sweep instead of the later stages
+            ck = stage("sweep", lambda: alpha_sweep(args, model, data, device, log))
+            atomic_write(os.path.join(args.out, "sweep.json"),
+                         lambda f: f.write(json.dumps(finite(ck["metrics"]), indent=1, allow_nan=False).encode()))
+            return finish()
         todo = STAGES[1:STAGES.index(args.stop_after) + 1]                  # the stages after pretraining, in order
         if "probe" in todo:
             stage("probe", lambda: probe_stage(args, model, data, device, log))

@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SMALLER = dict(n_embd=32, n_layer=2, n_head=2, batch_size=32, bucket_batches=2, n_heldout=64, n_dstar=64, probe_steps=30,
                ctrl_steps=10, ctrl_batch=16, ctrl_layers="all", ctrl_oracle=True, n_eval=16, log_every=1000,
                eval_every=1000, warmup=10, mc_steps=4, mc_batch=16, mc_screen=0, n_probe=64, rl_episodes=32,
-               rl_batch=16, rl_eval=16)
+               rl_batch=16, rl_eval=16, sweep_steps=3, cotrain_steps=3)
 TINY = ["--preset", "quick"] + [x for k, v in SMALLER.items() for x in (
     ["--" + k.replace("_", "-")] if v is True else ["--" + k.replace("_", "-"), str(v)])]
 
@@ -537,6 +537,7 @@ def test_probe_finds_a_planted_signal():
 # One tiny grid run of every stage, shared by the tests below (each works on its own copy of the folder).
 STAGE_CKPTS = ("pretrain", "probe", "controllers", "metacontroller", "token_rl", "internal_rl", "internal_rl_no_temporal")
 RUN = TINY + ["--pretrain-steps", "20"]
+RUN_FIGURES = [f for f in ir.FIGURES if f != "rate_distortion.png"]           # a run's figures; the sweep's is apart
 
 
 @pytest.fixture(scope="module")
@@ -576,8 +577,9 @@ def test_end_to_end_tiny_run(grid_run):
         m = res[method]
         assert m["episodes"] == 32 and [c[0] for c in m["curve"]] == [16, 32] and m["success"] == 0.0
     assert res["internal_rl_no_temporal"]["decisions_per_episode"] > res["internal_rl"]["decisions_per_episode"] >= 1
-    for fig in ir.FIGURES:
+    for fig in RUN_FIGURES:
         assert os.path.exists(os.path.join(out, fig))
+    assert not os.path.exists(os.path.join(out, "rate_distortion.png"))        # only --sweep makes it
 
 
 def test_rerun_reuses_stages_and_a_setting_retrains_only_what_reads_it(run_copy, grid_run):
@@ -597,7 +599,7 @@ def test_stop_after_keeps_later_results_that_still_fit_and_drops_the_rest(grid_r
     res = ir.main(RUN + ["--out", out, "--stop-after", "pretrain"])
     assert res["stage_status"] == {"pretrain": "reused", **dict.fromkeys(STAGE_CKPTS[1:], "kept")}
     assert res["switch_f1"] == grid_run[1]["switch_f1"] and saved_results(out)["internal_rl"] == grid_run[1]["internal_rl"]
-    assert all(os.path.exists(os.path.join(out, f)) for f in ir.FIGURES)
+    assert all(os.path.exists(os.path.join(out, f)) for f in RUN_FIGURES)
     capsys.readouterr()
     res = ir.main(RUN + ["--out", out, "--stop-after", "probe", "--warmup", "5"])   # a new base model
     assert res["stage_status"] == {"pretrain": "trained", "probe": "trained"}
@@ -927,7 +929,7 @@ def test_lower_then_upper_equals_forward_with_the_same_controller(mc_setup):
     U_e = lambda x: torch.einsum("btdr,btr->btd", A, torch.einsum("btd,btdr->btr", x, Bm))   # A (B^T e), per step
     full, _, _ = model(b["obs"], U_e, args.n_layer // 2)
     split = model.upper(e + mc.apply(z, e), args.n_layer // 2, b["obs"])
-    assert torch.allclose(full, split, atol=1e-4)                           # and the fast U e is the explicit one
+    assert torch.allclose(full, split, atol=1e-4)
 
 
 def test_embedder_is_non_causal(mc_setup):
@@ -1231,3 +1233,39 @@ def test_variance_toy_code_level_estimator_has_horizon_free_variance():
         assert all(b > 2 * a for a, b in zip(row, row[1:]))                 # grows with the steps K per code ...
         assert all(0.8 < x / p < 1.25 for x, p in zip(row, pred))          # ... like K ||W||_F^2 / Z (App. E.2)
     assert v["ratio"][1][0] > 4 * v["ratio"][0][0]                          # and with the action dimension d
+
+
+def test_alpha_sweep_writes_every_run_reuses_the_base_model_and_is_reused(grid_run, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    shutil.copytree(grid_run[0], out)
+    monkeypatch.setattr(ir, "SWEEP_ALPHAS", (0, 1))
+    monkeypatch.setattr(ir, "COTRAIN_ALPHAS", (0,))
+    monkeypatch.setattr(ir, "SWEEP_SEEDS", 2)
+    res = ir.main(RUN + ["--out", out, "--sweep", "alpha"])
+    assert res["stage_status"] == {"pretrain": "reused", "sweep": "trained", **dict.fromkeys(STAGE_CKPTS[1:], "kept")}
+    with open(os.path.join(out, "sweep.json")) as f:
+        sweep = json.load(f)
+    assert sweep == json.loads(json.dumps(ir.finite(res["sweep"])))
+    assert [(r["condition"], r["alpha"], r["seed"]) for r in sweep["runs"]] == [
+        ("frozen", 0, 0), ("frozen", 0, 1000), ("frozen", 1, 0), ("frozen", 1, 1000),
+        ("co-trained", 0, 0), ("co-trained", 0.1, 0)]                           # --alpha (0.1) is always co-trained
+    for r in sweep["runs"]:
+        assert math.isfinite(r["nll"]) and r["kl"] >= 0 and r["switches"] >= 1 and r["aligned"] == (r["f1"] >= 0.9)
+    assert sweep["runs"][0]["kl"] > sweep["runs"][2]["kl"]                     # alpha = 0 sends more than alpha = 1
+    assert sweep["cotrained_internal_rl"]["episodes"] == 32 and sweep["cotrain_steps"] == 3
+    assert os.path.exists(os.path.join(out, "rate_distortion.png"))
+    res = ir.main(RUN + ["--out", out, "--sweep", "alpha"])
+    assert res["stage_status"]["sweep"] == "reused"
+
+
+def test_cotraining_trains_the_base_model_and_the_frozen_run_does_not():
+    args = tiny_args(seed=0)
+    data = ir.make_datasets(args)
+    for joint in (False, True):
+        torch.manual_seed(0)
+        model = ir.GPT(args)
+        before = {k: p.detach().clone() for k, p in model.named_parameters()}
+        ir.train_metacontroller(args, model, data["dstar_train"], "cpu", lambda *a, **k: None, 0, 3, joint=joint)
+        moved = {k for k, p in model.named_parameters() if not torch.equal(before[k], p)}
+        assert moved == ({k for k in before if not k.startswith("obs_head")} if joint else set())  # Eq. 3: lambda = 0
+        assert not any(p.requires_grad for p in model.parameters())            # frozen again afterwards

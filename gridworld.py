@@ -4,7 +4,7 @@ Contents
   1. Constants and the tasks of Table A1 (pretraining) and the post-training task
   2. Shortest-path distances (the expert's dynamic programme) and layout sampling
   3. GridPinpadEnv: the gymnasium env (spec sheet in its docstring)
-  4. The expert policy and a fast expert-episode generator used for the datasets D and D*
+  4. The expert policy, its episode generator for the datasets D and D*, and a vectorised one for large batches
   5. Registration as ``GridPinpad-v0``
 
 Cells are numbered ``row * 7 + col`` (row 0 at the top). Everything random comes from the env's
@@ -130,14 +130,9 @@ def sample_layout(rng: np.random.Generator, task: tuple) -> tuple:
     to colour c (only for colours of the task).
     """
     while True:
-        cells = rng.permutation(N_CELLS)[:N_COLOURS + N_WALLS + 1].tolist()
-        colour_cells, wall_cells, start = cells[:N_COLOURS], cells[N_COLOURS:-1], cells[-1]
-        kind = [-1] * N_CELLS
-        for c, cell in enumerate(colour_cells):
-            kind[cell] = c
-        for w, cell in enumerate(wall_cells):
-            kind[cell] = N_COLOURS + w
-        dists = {c: distances_to(colour_cells[c], kind) for c in set(task)}
+        cells = rng.permutation(N_CELLS)[:N_COLOURS + N_WALLS + 1].tolist()     # colours, walls, start
+        layout = given_layout(cells[N_COLOURS:-1] + cells[:N_COLOURS] + cells[-1:], task)
+        colour_cells, _, start, _, dists = layout
         pos, ok = start, True
         for c in task:
             if dists[c][pos] >= 10 ** 6:
@@ -145,7 +140,21 @@ def sample_layout(rng: np.random.Generator, task: tuple) -> tuple:
                 break
             pos = colour_cells[c]
         if ok:
-            return colour_cells, wall_cells, start, kind, dists
+            return layout
+
+
+def given_layout(cells, task: tuple) -> tuple:
+    """A layout from its 13 cells (walls 0..3, colours 0..7, the agent), as ``sample_layout`` returns one."""
+    cells = [int(c) for c in cells] if len(cells) == N_WALLS + N_COLOURS + 1 else []
+    if not cells or len(set(cells)) != len(cells) or not all(0 <= c < N_CELLS for c in cells):
+        raise ValueError(f"a layout is 13 distinct cells in 0..{N_CELLS - 1} (walls, colours, agent), got {cells!r}")
+    wall_cells, colour_cells, start = cells[:N_WALLS], cells[N_WALLS:-1], cells[-1]
+    kind = [-1] * N_CELLS
+    for c, cell in enumerate(colour_cells):
+        kind[cell] = c
+    for w, cell in enumerate(wall_cells):
+        kind[cell] = N_COLOURS + w
+    return colour_cells, wall_cells, start, kind, {c: distances_to(colour_cells[c], kind) for c in set(task)}
 
 
 def observation_from_cells(wall_cells, colour_cells, agent: int) -> np.ndarray:
@@ -208,7 +217,9 @@ class GridPinpadEnv(gym.Env):
 
     ## Arguments
     ``task``: a tuple of colours, or None (then a pretraining task is sampled at every reset);
-    ``reset(options={"task": ...})`` overrides it for one episode. ``render_mode``: "ansi" or "rgb_array".
+    ``reset(options={"task": ...})`` overrides it for one episode, ``options={"layout": cells}`` (13 distinct cells
+    in the order of ``cells()``: walls 0..3, colours 0..7, the agent) replaces the sampled layout (e.g. to replay an
+    episode of ``expert_episodes``). ``render_mode``: "ansi" or "rgb_array".
     Nothing is coerced: a task that is not a non-empty sequence of ints in range with no colour twice in a
     row, an invalid action, or a non-positive ``max_steps`` is a ``ValueError``; ``step()`` before ``reset()``
     or after the episode has ended is a ``RuntimeError``.
@@ -238,7 +249,10 @@ class GridPinpadEnv(gym.Env):
             self.task = self.default_task
         else:
             self.task = PRETRAIN_TASKS[int(self.np_random.integers(len(PRETRAIN_TASKS)))]
-        self.colour_cells, self.wall_cells, self.agent, self.kind, self.dists = sample_layout(self.np_random, self.task)
+        if options and options.get("layout") is not None:
+            self.colour_cells, self.wall_cells, self.agent, self.kind, self.dists = given_layout(options["layout"], self.task)
+        else:
+            self.colour_cells, self.wall_cells, self.agent, self.kind, self.dists = sample_layout(self.np_random, self.task)
         self.progress, self.t, self.failed, self.ended = 0, 0, False, False
         return self._obs(), self._info()
 
@@ -405,6 +419,116 @@ def expert_episode(rng: np.random.Generator, task: tuple, epsilon: float = 0.0, 
     nexts = np.asarray(nexts, dtype=np.int64)
     return {"cells": cells, "actions": np.asarray(actions, dtype=np.int64), "subgoals": nexts // 2,
             "next_colour": nexts, "optimal": np.asarray(optimal, dtype=bool), "success": success}
+
+
+
+def expert_episodes(rng: np.random.Generator, n: int, tasks, epsilon: float = 0.0, max_steps: int = MAX_STEPS) -> list:
+    """``n`` expert episodes at once, each on a task drawn uniformly from ``tasks``: numpy over all of them in
+    lock-step instead of a Python loop per step, for batches the size of the paper's (1,024 episodes).
+
+    The same law as ``expert_episode`` (tests check it), not the same random stream: layouts uniform among the
+    solvable ones, the expert's exact shortest paths (``distances_to``, here one bitmask search over all layouts
+    at once), ties between optimal actions broken uniformly, the same epsilon noise. Returns the same dicts."""
+    picks = rng.integers(len(tasks), size=n)
+    out = [None] * n
+    for length in sorted({len(t) for t in tasks}):          # tasks of one length step together, 1,024 at a time
+        rows = [i for i in range(n) if len(tasks[picks[i]]) == length]
+        for chunk in (rows[j:j + 1024] for j in range(0, len(rows), 1024)):
+            task = np.array([tasks[picks[i]] for i in chunk], dtype=np.int64)              # (m, K)
+            for i, ep in zip(chunk, _episodes_of(rng, task, epsilon, max_steps)):
+                out[i] = ep
+    return out
+
+
+def _layouts(rng: np.random.Generator, task: np.ndarray) -> tuple:
+    """Solvable layouts for the tasks ``task`` (m, K): cells (m, 13) in the order of ``cells()``, kind (m, 49) and
+    the distance maps dist (m, 8, 49) to every colour, resampling the unsolvable rows until none is left."""
+    m, inf, ar = len(task), 10 ** 6, np.arange(len(task))
+    cells = np.zeros((m, N_WALLS + N_COLOURS + 1), dtype=np.int64)
+    kind, dist = np.full((m, N_CELLS), -1), np.full((m, N_COLOURS, N_CELLS), inf)
+    todo = ar
+    while len(todo):
+        k = len(todo)
+        perm = np.argsort(rng.random((k, N_CELLS)), axis=1)[:, :N_COLOURS + N_WALLS + 1]   # colours, walls, start
+        c = np.concatenate([perm[:, N_COLOURS:-1], perm[:, :N_COLOURS], perm[:, -1:]], 1)  # walls, colours, agent
+        kd = np.full((k, N_CELLS), -1)
+        kd[np.arange(k)[:, None], c[:, :N_WALLS]] = N_COLOURS + np.arange(N_WALLS)
+        kd[np.arange(k)[:, None], c[:, N_WALLS:-1]] = np.arange(N_COLOURS)
+        d = _distance_maps(kd, c[:, N_WALLS:-1])
+        pos, ok = c[:, -1], np.ones(k, dtype=bool)
+        for j in range(task.shape[1]):                      # start -> colour 1 -> colour 2 ... all reachable
+            col = task[todo, j]
+            ok &= d[np.arange(k), col, pos] < inf
+            pos = c[np.arange(k), N_WALLS + col]
+        cells[todo[ok]], kind[todo[ok]], dist[todo[ok]] = c[ok], kd[ok], d[ok]
+        todo = todo[~ok]
+    return cells, kind, dist
+
+
+def _distance_maps(kind: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """distances_to for many layouts and targets at once: kind (k, 49), targets (k, 8) -> dist (k, 8, 49).
+
+    The same breadth-first search on bitmasks: bit x of a uint64 is cell x, so one search layer for all k x 8
+    maps is a few shifts (a move up is x -> x - 7, left is x -> x - 1 unless in column 0, ...). Walls are never
+    labelled; colours other than the target are labelled but never expanded."""
+    bit = lambda cells: np.left_shift(np.uint64(1), cells.astype(np.uint64))
+    one_hot = lambda mask: (bit(np.arange(N_CELLS)) * mask).sum(-1, dtype=np.uint64)   # (k, 49) bool -> (k,)
+    col0, col6 = one_hot(np.arange(N_CELLS) % GRID == 0), one_hot(np.arange(N_CELLS) % GRID == GRID - 1)
+    full = np.uint64((1 << N_CELLS) - 1)
+    free = (~one_hot(kind >= N_COLOURS) & full)[:, None]                                   # (k, 1) labelled
+    empty = one_hot(kind == -1)[:, None]                                                   # (k, 1) expanded
+    seen = frontier = bit(targets)                                                         # (k, 8)
+    layers, s7, s1 = [seen], np.uint64(GRID), np.uint64(1)          # layers[L]: the cells within distance L
+    while frontier.any():
+        f = frontier & (empty | bit(targets))                                              # the cells expanded
+        near = (f >> s7) | ((f << s7) & full) | ((f >> s1) & ~col6) | ((f << s1) & ~col0 & full)
+        frontier = near & free & ~seen
+        seen = seen | frontier
+        layers.append(seen)
+    count = np.zeros(targets.shape + (N_CELLS,), dtype=np.int64)      # (k, 8, 49): layers holding each cell
+    for layer in layers:
+        count += np.unpackbits(layer[..., None].view(np.uint8), axis=-1, bitorder="little")[..., :N_CELLS]
+    return np.where(count > 0, len(layers) - count, 10 ** 6)                               # (k, 8, 49)
+
+
+def _episodes_of(rng: np.random.Generator, task: np.ndarray, epsilon: float, max_steps: int) -> list:
+    """The lock-step expert on the tasks ``task`` (m, K), one fresh layout each (see expert_episodes)."""
+    m, K, inf, ar = task.shape[0], task.shape[1], 10 ** 6, np.arange(task.shape[0])
+    cells, kind, dist = _layouts(rng, task)
+    agent, progress = cells[:, -1].copy(), np.zeros(m, dtype=np.int64)
+    alive, success, length = np.ones(m, dtype=bool), np.zeros(m, dtype=bool), np.zeros(m, dtype=np.int64)
+    agents, actions = np.zeros((m, max_steps + 1), dtype=np.int64), np.zeros((m, max_steps), dtype=np.int64)
+    nexts, optimal = np.zeros((m, max_steps), dtype=np.int64), np.zeros((m, max_steps, 4), dtype=bool)
+    agents[:, 0] = agent
+    for t in range(max_steps):
+        if not alive.any():
+            break
+        target = task[ar, np.minimum(progress, K - 1)]                                    # (m,) next colour
+        d, moves = dist[ar, target], NEXT[agent]                                           # (m, 49), (m, 4)
+        dn, kn = d[ar[:, None], moves], kind[ar[:, None], moves]                           # (m, 4) each
+        best = (dn == d[ar, agent][:, None] - 1) & ((kn == -1) | (kn == target[:, None]))  # optimal_actions
+        choice = best
+        if epsilon > 0.0:                                   # expert_action's noise: a uniform safe action
+            stay = kn >= N_COLOURS
+            safe = stay | (moves == agent[:, None]) | (((kn == -1) | (kn == target[:, None])) & (dn < inf))
+            choice = np.where((rng.random(m) < epsilon)[:, None], safe, best)
+        pick = (rng.random(m) * choice.sum(1)).astype(np.int64)                            # uniform among them
+        a = (np.cumsum(choice, 1) > pick[:, None]).argmax(1)                               # (m,)
+        nxt = np.where(kn[ar, a] >= N_COLOURS, agent, moves[ar, a])                        # a wall: stay put
+        actions[alive, t], nexts[alive, t], optimal[alive, t] = a[alive], target[alive], best[alive]
+        colour = kind[ar, nxt]
+        visit = alive & (nxt != agent) & (colour >= 0) & (colour < N_COLOURS)
+        agent = np.where(alive, nxt, agent)
+        agents[alive, t + 1] = agent[alive]
+        length += alive
+        progress += visit & (colour == target)
+        success |= alive & (progress == K)
+        alive &= ~success & ~(visit & (colour != target))
+    return [{"cells": np.concatenate([np.broadcast_to(cells[i, :-1], (length[i] + 1, N_WALLS + N_COLOURS)),
+                                      agents[i, :length[i] + 1, None]], 1),
+             "actions": actions[i, :length[i]], "subgoals": nexts[i, :length[i]] // 2,
+             "next_colour": nexts[i, :length[i]], "optimal": optimal[i, :length[i]], "success": bool(success[i])}
+            for i in range(m)]
 
 
 # ---------------------------------------------------------------------------------------------------

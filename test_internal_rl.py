@@ -4,6 +4,7 @@ Run with ``python -m pytest -q test_internal_rl.py`` (about a minute on an idle 
 import copy
 import glob
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -214,6 +215,66 @@ def test_expert_noise_stays_safe():
     assert all(ep["success"] for ep in eps)
     clean = [gw.expert_episode(rng, gw.PRETRAIN_TASKS[i % 16]) for i in range(100)]
     assert np.mean([len(e["actions"]) for e in eps]) > np.mean([len(e["actions"]) for e in clean])
+
+
+def task_of(ep) -> tuple:
+    """The task of a successful expert episode: its colours in the order it visits them."""
+    return tuple(int(c) for c, _ in itertools.groupby(ep["next_colour"]))
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.2])
+def test_vectorised_expert_replays_in_the_env_with_only_optimal_actions(epsilon):
+    """expert_episodes (numpy, all episodes in lock-step): replayed step by step in GridPinpadEnv on the same
+    layout, every episode reaches the same observations and succeeds, and (epsilon = 0) every action is optimal by
+    the reference dynamic programme, whose optimal set is the episode's ``optimal`` mask at every step."""
+    rng = np.random.default_rng(1)
+    eps = gw.expert_episodes(rng, 150, gw.PRETRAIN_TASKS, epsilon) + gw.expert_episodes(rng, 30, [gw.POSTTRAIN_TASK], epsilon)
+    assert all(ep["success"] for ep in eps[:150])                           # (the 12-colour task may time out)
+    for ep in (ep for ep in eps if ep["success"]):
+        env = gw.GridPinpadEnv()
+        env.reset(seed=0, options={"task": task_of(ep), "layout": ep["cells"][0]})
+        assert env.cells() == ep["cells"][0].tolist()
+        for t, a in enumerate(ep["actions"]):
+            target = env.task[env.progress]
+            best = gw.optimal_actions(env.agent, env.kind, env.dists[target], target)
+            assert ep["next_colour"][t] == target and ep["subgoals"][t] == env.subgoal
+            assert np.flatnonzero(ep["optimal"][t]).tolist() == best and (epsilon > 0 or a in best)
+            _, r, term, trunc, info = env.step(int(a))
+            assert env.cells() == ep["cells"][t + 1].tolist()
+        assert term and info["success"] and r == 1.0
+
+
+def test_vectorised_expert_breaks_ties_uniformly_and_matches_the_reference_law():
+    """Among two optimal actions each is taken half the time (a binomial test over every such step), and
+    episode lengths (which the layout law and the shortest paths set) agree with the reference expert's."""
+    rng = np.random.default_rng(2)
+    fast = gw.expert_episodes(rng, 1500, gw.PRETRAIN_TASKS)
+    first = [int(a == np.flatnonzero(opt)[0]) for ep in fast for a, opt in zip(ep["actions"], ep["optimal"])
+             if opt.sum() == 2]
+    assert len(first) > 5000 and abs(np.mean(first) - 0.5) < 4.5 * math.sqrt(0.25 / len(first))
+    ref = [gw.expert_episode(rng, gw.PRETRAIN_TASKS[i % 16]) for i in range(1500)]
+    lf, lr = (np.array([len(ep["actions"]) for ep in eps]) for eps in (fast, ref))
+    assert abs(lf.mean() - lr.mean()) < 4.5 * math.sqrt((lf.var() + lr.var()) / 1500)
+    assert abs(lf.std() - lr.std()) < 0.1 * lr.std()
+
+
+def test_bitmask_distance_maps_equal_the_reference_search():
+    """_distance_maps (all layouts and colours at once) is distances_to, map by map, unreachable cells included."""
+    rng = np.random.default_rng(3)
+    kind = np.full((200, 49), -1)
+    cells = np.argsort(rng.random((200, 49)), axis=1)[:, :12]                 # 4 walls, 8 colours
+    for i in range(200):
+        kind[i, cells[i, :4]], kind[i, cells[i, 4:]] = np.arange(8, 12), np.arange(8)
+    dist = gw._distance_maps(kind, cells[:, 4:])
+    for i in range(200):
+        for c in range(8):
+            assert dist[i, c].tolist() == gw.distances_to(int(cells[i, 4 + c]), kind[i].tolist())
+
+
+def test_a_given_layout_is_validated():
+    env = gw.GridPinpadEnv()
+    with pytest.raises(ValueError, match="13 distinct cells"):
+        env.reset(options={"layout": [0] * 13})
 
 
 # ----------------------------------------------------------------------------------- the ant env

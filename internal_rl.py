@@ -41,7 +41,7 @@ Notation (shape comments use these letters)
 
 Deviations (the README's table gives reasons): a CPU-sized model and budget (d=64, 4 blocks; the paper: d=256,
 6 blocks, ~400x the episodes); an agent-centred embedding, object attention (section 4); GRUs for Hawk SSMs; a KL
-warm-up and a label-free choice among metacontroller seeds (section 10); a hand-designed ant expert, not PPO.
+warm-up (section 10); a hand-designed ant expert, not PPO.
 """
 from __future__ import annotations
 
@@ -141,8 +141,6 @@ class Args:
     mc_lr: float = arg(3e-3, "metacontroller learning rate (Table A9: 1e-3)")
     mc_kl_warmup: int = arg(600, "steps over which alpha ramps up from 0 (the paper: none)")
     mc_gumbel: float = arg(0.0, "Gumbel-sigmoid temperature of beta in training (0: plain sigmoid, the paper's default)")
-    mc_seeds: int = arg(1, "metacontroller seeds screened; the one with the lowest held-out Eq. 3 is kept")
-    mc_screen: int = arg(0, "with --mc-seeds > 1: steps each seed trains before the choice (0: all --mc-steps)")
     sweep: str = arg("", "'alpha': Fig. 7's sweep (frozen and co-trained metacontrollers) instead of the later stages")
     sweep_steps: int = arg(400, "--sweep: optimiser steps of each frozen-base metacontroller")
     cotrain_steps: int = arg(1500, "--sweep: joint optimiser steps of each co-trained base model and metacontroller")
@@ -150,24 +148,24 @@ class Args:
     irl_lr: float = arg(1e-3, "AdamW learning rate of the internal-RL policy (Table A13: 3e-5)")
     irl_hidden: int = arg(64, "GRU width of the causal z-policy (Table A13: a 1-layer SSM of width 256)")
 
-# Presets: the fields each changes. Grid: object attention in the top block, six metacontroller seeds screened;
-# ant: D is a stored set of long episodes, full-rank controllers (Table A8).
-GRID = dict(obj_attn="last", mc_seeds=6, mc_screen=1000, mc_steps=3000)
+# Presets: the fields each changes. Grid: object attention in the top block; ant: D is a stored set of long
+# episodes, full-rank controllers (Table A8).
+GRID = dict(obj_attn="last", mc_steps=3000)
 ANT = dict(n_train=2500, action_noise=0.03, n_heldout=200, n_dstar=400, n_embd=128, batch_size=16,
            pretrain_steps=2000, lr=1e-3, obs_coef=0.0, eval_every=500, log_every=100, n_probe=400, ctrl_rank=0,
            ctrl_batch=16, ctrl_layers="mid", n_eval=100, mc_steps=150, mc_batch=16, mc_kl_warmup=45,
            rl_episodes=1024, rl_batch=64, rl_eval=200)
 QUICK = dict(n_heldout=400, n_dstar=1000, n_probe=1000, eval_every=200, log_every=100, ctrl_layers="mid",
              ctrl_steps=150, n_eval=100, ctrl_oracle=False, mc_steps=200, mc_batch=64, mc_kl_warmup=60,
-             mc_seeds=2, mc_screen=100, rl_episodes=1024, rl_batch=128, rl_eval=200, sweep_steps=100, cotrain_steps=200)
+             rl_episodes=1024, rl_batch=128, rl_eval=200, sweep_steps=100, cotrain_steps=200)
 ANT_QUICK = dict(n_train=300, n_heldout=40, n_dstar=60, n_probe=60, pretrain_steps=150, eval_every=50, ctrl_steps=50,
-                 n_eval=20, mc_steps=20, mc_batch=16, mc_kl_warmup=6, mc_seeds=1, mc_screen=0, rl_episodes=64,
+                 n_eval=20, mc_steps=20, mc_batch=16, mc_kl_warmup=6, rl_episodes=64,
                  rl_batch=32, rl_eval=20, expert_eval=40)
 PRESETS = {"grid": {"default": GRID, "quick": {**GRID, **QUICK, "pretrain_steps": 600}},
            "ant": {"default": ANT, "quick": {**ANT, **QUICK, **ANT_QUICK}}}
 STAGES = ("pretrain", "probe", "controllers", "metacontroller", "rl")
 MAY_BE_ZERO = ("seed", "epsilon", "obs_coef", "weight_decay", "warmup", "cooldown", "alpha", "mc_kl_warmup",
-               "mc_gumbel", "n_train", "action_noise", "ctrl_rank", "mc_screen")    # every other number: > 0
+               "mc_gumbel", "n_train", "action_noise", "ctrl_rank")    # every other number: > 0
 ANT_ONLY = ("n_train", "action_noise", "workers", "expert_eval")
 
 def die(msg: str):
@@ -212,7 +210,6 @@ def parse_args(argv=None) -> Args:
               (args.n_probe < 2, "--n-probe needs at least 2 episodes (half fit, half score)"),
               (args.n_dstar < args.n_probe, f"--n-probe ({args.n_probe}) must be at most --n-dstar ({args.n_dstar}): "
                                             f"the probes and the metacontroller's checks use held-out D*[:n_probe]"),
-              (args.mc_screen > args.mc_steps, f"--mc-screen ({args.mc_screen}) must be at most --mc-steps ({args.mc_steps})"),
               (args.n_embd % args.n_head != 0, f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})"),
               (not grid and not args.n_train, "--task ant needs a stored dataset: --n-train must be positive"),
               (args.sweep not in ("", "alpha"), f"unknown --sweep {args.sweep!r}; valid choice: alpha"),
@@ -295,7 +292,7 @@ CHECKPOINTS = {
                                     "ctrl_layers", "n_eval", "ctrl_oracle"), ("controller_stage",)),
     "metacontroller": (10, "pretrain", ("n_dstar", "n_probe", "alpha", "n_z", "mc_hidden", "mc_enc_hidden",
                                         "ctrl_rank", "mc_steps", "mc_batch", "mc_lr", "mc_kl_warmup", "mc_gumbel",
-                                        "bucket_batches", "mc_seeds", "mc_screen"), ("metacontroller_stage",)),
+                                        "bucket_batches", "n_eval"), ("metacontroller_stage",)),
     "token_rl": (9, "pretrain", RL_FIELDS + ("token_lr",), ("token_rl",)),
     "internal_rl": (11, "metacontroller", RL_FIELDS + ("irl_lr", "irl_hidden"), ("internal_rl",)),
     "internal_rl_no_temporal": (11, "metacontroller", RL_FIELDS + ("irl_lr", "irl_hidden"), ("internal_rl",)),
@@ -383,12 +380,9 @@ def load_ckpt(path: str, fp: str, log=None, tag: str = ""):
         return None
     return {**ck, "checksum": stored}
 
-def ckpt_path(args: Args, name: str) -> str:
-    return os.path.join(args.out, f"{name}.pt")
-
 def run_stage(args: Args, name: str, parent_sum: str, log: Logger, train) -> tuple:
     """(checkpoint, status): <out>/<name>.pt and "reused" if its fingerprint matches, else ``train()``'s, saved."""
-    path, fp, tag = ckpt_path(args, name), fingerprint(args, name, parent_sum), f"{CHECKPOINTS[name][0]} {name}"
+    path, fp, tag = os.path.join(args.out, name + ".pt"), fingerprint(args, name, parent_sum), f"{CHECKPOINTS[name][0]} {name}"
     ck = load_ckpt(path, fp, log, tag)
     if ck is not None:
         log(tag, f"reusing {path}")
@@ -505,9 +499,9 @@ def make_datasets(args: Args, log=None) -> dict:
 # can be read off o_{t-1}, o_t). What matters later is the *residual stream*:
 # every pre-norm block adds its output to the running vector, e_{t,l} = e_{t,l-1} + attn(...) + mlp(...), a
 # workspace every later block reads, so a linear edit at one depth (section 8) is seen by all blocks above it.
-# Object attention (grid, --obj-attn; a deviation): the input embedding *sums* a step's 12 object embeddings,
-# so to walk to one colour the MLPs must pull "where is colour c" back out of that sum. In the blocks listed,
-# the token also attends over its own step's objects (keys = values = the rows summed): "look up my target".
+# Object attention (grid, --obj-attn; a deviation): the input embedding *sums* a step's 12 object embeddings, so to
+# walk to one colour the MLPs must pull "where is colour c" back out of that sum. In the blocks listed, the token
+# also attends over its own step's objects (keys = values = the rows summed): "look up my target".
 def relative_buckets(n: int, num_buckets: int, max_distance: int = 128) -> torch.Tensor:
     """T5-style causal buckets of the distance d = t_query - t_key >= 0 (Table A16): one per distance below
     num_buckets/2, then log-spaced up to max_distance. No absolute positions: attention depends only on how far
@@ -637,10 +631,9 @@ class GPT(nn.Module):
         return self.agent_emb(agent) + objs.sum(-2), objs                        # (B, T, D), (B, T, 12, D)
 
     def forward(self, obs, ctrl=None, ctrl_layer: int = -1, cache=None):
-        """obs (B, T, 13) -> action logits (B, T, 4), next-cell logits (B, T, 49), residuals [L+1 x (B, T, D)]
-        (the ant: (B, T, 41) -> means (B, T, 8), next obs (B, T, 41), residuals). With ``cache`` (one dict per
-        block) the call continues the sequence it holds: rollouts feed one step at a time. residuals[l] is e_{t,l}
-        before any controller at layer l."""
+        """obs (B, T, 13) -> action logits (B, T, 4), next-cell logits (B, T, 49), residuals [L+1 x (B, T, D)], where
+        residuals[l] = e_{t,l} before any controller at l (the ant: (B, T, 41) -> means (B, T, 8), next obs (B, T, 41)).
+        With ``cache`` (a dict per block) the call continues the sequence it holds: rollouts feed one step at a time."""
         x, objs = self.embed(obs)                                                # e_{t,0}   (B, T, D)
         residuals = [x]                                                                   # residuals[l] = e_{t,l}
         if ctrl is not None and ctrl_layer == 0:
@@ -702,20 +695,17 @@ class GPT(nn.Module):
 # and the env returns o_{t+1}. Each attention layer keeps the past keys and values (a KV cache), so a step
 # computes only the new token (a test checks this equals one full forward); n envs step side by side.
 @torch.no_grad()
-def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_layer: int = -1,
-            pretrain_tasks: bool = False, record: bool = False) -> dict:
-    """n episodes in lock-step; episode i has env seed ``seed + i`` (with ``pretrain_tasks``: pretraining task i mod 16).
-    ``ctrl_fn(x, g)``: a controller at ``ctrl_layer``, told the true subgoals g (n, 1). Returns the mean ``success`` and
-    ``colours`` visited; with ``record`` (RL) also ``obs`` (n, T, 13), ``actions``, ``lengths`` and ``rewards``."""
+def rollout(model: GPT, tasks: list, n: int, seed: int, device, ctrl_fn=None, ctrl_layer: int = -1,
+            record: bool = False) -> dict:
+    """n episodes in lock-step, episode i on env seed ``seed + i`` and task ``tasks[i % len(tasks)]``; ``ctrl_fn(x, g)``:
+    a controller at ``ctrl_layer``, told the true subgoals g (n, 1). Returns the mean ``success`` and ``colours`` and the
+    ``visited`` colours per episode; with ``record`` (RL) also ``obs`` (n, T, 13), ``actions``, ``lengths``, ``rewards``."""
     E = env_module(model.task)                      # env classes, not gymnasium's vector envs: no autoreset
     make = E.GridPinpadEnv if model.task == "grid" else E.AntPinpadEnv
     envs = [make(max_steps=E.MAX_STEPS) for _ in range(n)]          # (the limit is read here: tests shorten it)
-    infos, inputs = [], []  # per env: its last info (the true subgoal), o_t
-    for i, env in enumerate(envs):
-        t = E.PRETRAIN_TASKS[i % len(E.PRETRAIN_TASKS)] if pretrain_tasks else task
-        obs, info = env.reset(seed=seed + i, options={"task": t})
-        infos.append(info)
-        inputs.append(env.cells() if model.task == "grid" else obs)   # the model's input form of o_1
+    resets = [env.reset(seed=seed + i, options={"task": tasks[i % len(tasks)]}) for i, env in enumerate(envs)]
+    infos = [info for _, info in resets]                               # per env: its last info (the true subgoal)
+    inputs = [env.cells() if model.task == "grid" else obs for env, (obs, _) in zip(envs, resets)]   # o_t, model's form
     gen = torch.Generator(device=device).manual_seed(seed)   # its own generator: evaluating shifts no training
     cache, alive, steps = [{} for _ in model.blocks], np.ones(n, dtype=bool), np.zeros(n, dtype=np.int64)
     seen, taken = [], []                                                   # inputs and actions, for ``record``
@@ -736,8 +726,8 @@ def rollout(model: GPT, task, n: int, seed: int, device, ctrl_fn=None, ctrl_laye
                 alive[i] = not (term or trunc)
         if not alive.any():
             break
-    out = {"success": float(np.mean([env.success for env in envs])),
-           "colours": float(np.mean([env.progress for env in envs]))}
+    visited = [env.progress for env in envs]
+    out = {"success": float(np.mean([env.success for env in envs])), "colours": float(np.mean(visited)), "visited": visited}
     if record:
         out.update(obs=torch.stack(seen, 1), actions=torch.stack(taken, 1),                # (n, T, 13), (n, T)
                    lengths=torch.tensor(steps, device=device),                             # (n,)
@@ -881,8 +871,7 @@ def probe_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict
     """A probe at every layer 0..L; returns the checkpoint {"metrics"}."""
     t0 = time.time()
     acc = probe_all(model, data["dstar_heldout"][:args.n_probe], list(range(args.n_layer + 1)), device, args.probe_steps, args.probe_lr)
-    for l, a in enumerate(acc):
-        log("7 probe", f"layer {l}: held-out subgoal accuracy {a:.3f} (chance 0.25)")
+    log("7 probe", "held-out subgoal accuracy by layer (chance 0.25): " + " ".join(f"{a:.3f}" for a in acc))
     mid = args.n_layer // 2
     log("7 probe", f"gap layer {mid} - layer 0 = {acc[mid] - acc[0]:+.3f} ({time.time() - t0:.0f}s)")
     metrics = {"probe_accuracy": acc, "probe_gap_mid": acc[mid] - acc[0], "train_time_s": time.time() - t0}
@@ -942,8 +931,8 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
     t0, post_task = time.time(), env_module(args.task).POSTTRAIN_TASK
     n_post, ev = len(post_task), dict(n=args.n_eval, device=device)
     def evaluate(**kw):                          # the fixed evaluation: pretraining tasks, post-training task
-        return (rollout(model, None, seed=data["eval_seed"], pretrain_tasks=True, **ev, **kw),
-                rollout(model, post_task, seed=data["eval_seed"] + 10 ** 6, **ev, **kw))
+        return (rollout(model, env_module(args.task).PRETRAIN_TASKS, seed=data["eval_seed"], **ev, **kw),
+                rollout(model, [post_task], seed=data["eval_seed"] + 10 ** 6, **ev, **kw))
     base_pre, base_post = evaluate()
     log("8 controllers", f"base model alone: success pretraining tasks {base_pre['success']:.3f}, "
         f"post-training task {base_post['success']:.3f} ({base_post['colours']:.1f} of {n_post} colours)")
@@ -1053,12 +1042,12 @@ def token_rl(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
     t0, post = time.time(), env_module(args.task).POSTTRAIN_TASK
     policy = copy.deepcopy(model).requires_grad_(True)     # the frozen original stays untouched
     def collect(n, s):
-        r = rollout(policy, post, n, s, device, record=True)
+        r = rollout(policy, [post], n, s, device, record=True)
         return {**r, "mask": step_mask(r["lengths"], r["actions"].shape[1])}              # (B, T) steps taken
     logp_fn = lambda b: policy.action_logp(policy(b["obs"])[0], b["actions"])   # ALGO LOGIC: act = a_t, every step
     m = rl_train(args, "9 token_rl", collect, logp_fn, list(policy.parameters()), "token-lr",
                  data["eval_seed"] + 3 * 10 ** 6, log)
-    test = rollout(policy, post, args.rl_eval, data["eval_seed"] + 2 * 10 ** 6, device)    # env seeds unused so far
+    test = rollout(policy, [post], args.rl_eval, data["eval_seed"] + 2 * 10 ** 6, device)    # env seeds unused so far
     return {"metrics": rl_report(args, "token_rl", m, test, data, log, t0), "policy": policy.state_dict()}
 
 # ---------------------------------------------------------------------------------------------------
@@ -1145,8 +1134,7 @@ class MetaController(nn.Module):
         if forced:                          # ALGO LOGIC: Eq. 2 with beta = 1 (the ablation): z_t = z~_t
             return z_tilde, kl, e.new_ones(B, T)
         z, zs, betas = e.new_zeros(B, mu.shape[-1]), [], []  # z_0 = 0; z_t and beta_t per step
-        # the only sequential part: beta_t reads z_{t-1}. (unbind() slices once; indexing [:, t] inside the
-        # loop would make autograd build a full-size zero tensor per step.)
+        # the only sequential part: beta_t reads z_{t-1} (unbind(): indexing [:, t] costs autograd full-size zeros)
         for t, (e_t, h_t, zt_t) in enumerate(zip(e.unbind(1), h_prev.unbind(1), z_tilde.unbind(1))):
             beta = e.new_ones(B) if t == 0 else self.switch_prob(e_t, h_t, z, noisy=sample)   # (B,)
             z = beta[:, None] * zt_t + (1 - beta[:, None]) * z                         # ALGO LOGIC: Eq. 2 (B, Z)
@@ -1166,10 +1154,9 @@ def mc_loss(model: GPT, mc: MetaController, b: dict, layer: int, alpha: float, f
     return nll + alpha * kl_mean, nll, kl_mean, beta, mask                              # ALGO LOGIC: Eq. 3
 
 def boundary_f1(beta, subgoals, lengths, tol: int = 1) -> dict:
-    """Switches (beta >= 0.5) against true subgoal changes, per episode, matched within +-tol steps; beta and
-    subgoals (B, T) tensors or lists, lengths (B,). Step 1 never counts (every episode starts with a code); a
-    switch matches at most one boundary and vice versa. Returns precision, recall, F1, the switch rate and the
-    ``switches`` per episode (step 1's included, as the paper counts them in Fig. 7)."""
+    """Switches (beta >= 0.5) against true subgoal changes per episode, matched within +-tol steps, each at most once;
+    beta, subgoals (B, T) tensors or lists, lengths (B,). Step 1 never counts (every episode starts with a code).
+    Returns precision, recall, F1, the switch rate, ``switches`` per episode (step 1's included, as in Fig. 7)."""
     tp = n_pred = n_true = n_steps = 0
     for bt, g, n in zip(*(x.tolist() if torch.is_tensor(x) else x for x in (beta, subgoals, lengths))):
         pred = [t for t in range(1, n) if bt[t] >= 0.5]                                   # switch steps
@@ -1223,8 +1210,7 @@ def train_metacontroller(args: Args, model: GPT, episodes: list, device, log: Lo
     tag, t0 = "10 metacontroller" + ("-forced" if forced else "-cotrained" if joint else ""), time.time()
     for step in range(1, steps + 1):
         b = next(stream)
-        # KL warm-up: with the full alpha from step 1 the encoder learns to send nothing (KL -> 0, a collapsed
-        # posterior) before the decoder has learned to use anything; ramping alpha up avoids that.
+        # KL warm-up: with the full alpha at once the posterior collapses (KL -> 0) before the decoder uses anything
         alpha = args.alpha * min(1.0, step / max(1, args.mc_kl_warmup))
         loss, nll, kl, beta, mask = mc_loss(model, mc, b, args.n_layer // 2, alpha, forced)
         opt.zero_grad(set_to_none=True)
@@ -1240,51 +1226,65 @@ def train_metacontroller(args: Args, model: GPT, episodes: list, device, log: Lo
     model.requires_grad_(False).eval()
     return mc
 
+# Do the codes mean something (App. B.3.2, Fig. A4)? Codes z ~ N(0, I), each held for a whole pretraining-task episode
+# (the paper: until the switch fires), "name pair q" if their episode completed its first pair, q. On two-pair tasks
+# p-g, a code that named g is injected once p is completed, against the model alone on the same layouts and action
+# noise (identical until then): how often is g completed next? In distribution p -> g occurs in pretraining; out of
+# it g = p + 1 (mod 4), as in the post-training task. The paper (ant): 23% -> 36%; out of distribution 10% -> 24%.
+@torch.no_grad()
+def code_injection(args: Args, model: GPT, mc: MetaController, data: dict, device) -> dict:
+    """Pair-g completion rates [model alone, code injected] in distribution (``in``) and out (``ood``), None where no
+    code named a goal; ``codes_per_pair``: how many of the 4 * n_eval prior codes named each pair."""
+    mid, n, seed = args.n_layer // 2, args.n_eval, data["eval_seed"] + 4 * 10 ** 6        # env seeds unused elsewhere
+    gen = torch.Generator(device=device).manual_seed(args.seed + 13)
+    held = lambda z: (lambda x, g: mc.apply(z[:, None], x))                              # U(z) e, one code z (n, Z)
+    prior = torch.randn(4 * n, args.n_z, generator=gen, device=device)                   # (4n, Z) z ~ N(0, I)
+    visited = rollout(model, gw.PRETRAIN_TASKS, 4 * n, seed, device, held(prior), mid)["visited"]
+    named = [prior[[i for i, v in enumerate(visited) if v >= 2 and gw.PRETRAIN_TASKS[i % 16][0] == 2 * q]] for q in range(4)]
+    seen = sorted({(t[k] // 2, t[k + 2] // 2) for t in gw.PRETRAIN_TASKS for k in (0, 2)})   # pretraining's p -> g
+    out = {"codes_per_pair": [len(c) for c in named]}                                    # named[q]: (n_q, Z)
+    for name, pairs in (("in", seen), ("ood", [(p, (p + 1) % 4) for p in range(4)])):
+        pairs, out[name] = [(p, g) for p, g in pairs if len(named[g])], None   # None: no code named any goal
+        if pairs:
+            tasks = [(2 * p, 2 * p + 1, 2 * g, 2 * g + 1) for p, g in pairs]                 # episode i: tasks[i % len]
+            goals = [pairs[i % len(pairs)][1] for i in range(n)]                            # episode i's pair g
+            z = torch.stack([named[g][torch.randint(len(named[g]), (), generator=gen, device=device)] for g in goals])
+            goal = torch.tensor(goals, device=device)[:, None]                            # (n, 1); z (n, Z) names it
+            inject = lambda x, g, goal=goal, z=z: (g == goal)[..., None] * held(z)(x, g)   # U(z_g) e once g is the subgoal
+            out[name] = [rollout(model, tasks, n, seed + 10 ** 5, device, f, mid)["success"] for f in (None, inject)]
+    return out
+
 def metacontroller_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
-    """Train the metacontroller and its forced-switching ablation; score switch alignment on held-out D*[:n_probe/2].
-    Seeds matter (the paper reports the median of 3): --mc-seeds seeds train --mc-screen steps, the lowest Eq. 3 on
-    held-out D*[n_probe/2:n_probe] (no labels) is trained again to --mc-steps. Returns the checkpoint: the
-    ``metrics`` and both metacontrollers' weights, ``mc`` and ``mc_forced``."""
-    t0, mid, held = time.time(), args.n_layer // 2, data["dstar_heldout"]
-    train = functools.partial(train_metacontroller, args, model, data["dstar_train"], device, log)  # (seed, steps)
-    screen, candidates, mcs = args.mc_screen or args.mc_steps, [], {}
-    for i in range(args.mc_seeds if args.mc_seeds > 1 else 0):
-        seed = args.seed + 1000 * i
-        mcs[seed] = train(seed, screen)
-        sel = switch_alignment(model, mcs[seed], held[args.n_probe // 2:args.n_probe], mid, device)
-        eq3 = sel["nll"] + args.alpha * sel["kl"]                        # ALGO LOGIC: held-out Eq. 3, no labels
-        candidates.append({"seed": seed, "eq3": eq3, "f1": sel["f1"], "switch_rate": sel["switch_rate"]})
-        log("10 metacontroller", f"seed {seed} ({i + 1} of {args.mc_seeds}) at step {screen}: held-out Eq. 3 {eq3:.4f} "
-            f"| switch rate {sel['switch_rate']:.3f} | F1 {sel['f1']:.3f} (labels: logged, not used to choose) | "
-            f"{eta(t0, i + 1, args.mc_seeds)}", **candidates[-1])
-    chosen = min(candidates, key=lambda c: c["eq3"])["seed"] if candidates else args.seed
-    if candidates:
-        log("10 metacontroller", f"kept seed {chosen} (lowest held-out Eq. 3)" +
-            (f"; training it again, to step {args.mc_steps}" if screen < args.mc_steps else ""))
-    mc = mcs[chosen] if candidates and screen == args.mc_steps else train(chosen, args.mc_steps)
-    al = switch_alignment(model, mc, held[:args.n_probe // 2], mid, device)
+    """Train the metacontroller and its beta = 1 ablation, score switching on held-out D*[:n_probe/2], inject codes
+    (grid). Returns the checkpoint: the ``metrics`` and both metacontrollers' weights, ``mc`` and ``mc_forced``."""
+    t0, mid, held = time.time(), args.n_layer // 2, data["dstar_heldout"][:args.n_probe // 2]
+    mc = train_metacontroller(args, model, data["dstar_train"], device, log, args.seed, args.mc_steps)
+    al = switch_alignment(model, mc, held, mid, device)
     verdict = collapse_verdict(al["switch_rate"], al["kl"])
     log("10 metacontroller", f"held-out D*: nll {al['nll']:.3f} | kl {al['kl']:.3f} | switch rate "
         f"{al['switch_rate']:.3f} ({verdict}) | switches vs subgoal boundaries (+-1 step): precision "
         f"{al['precision']:.3f} recall {al['recall']:.3f} F1 {al['f1']:.3f}", **al)
-    mc_forced = train(args.seed, args.mc_steps, forced=True)
-    forced_nll = switch_alignment(model, mc_forced, held[:args.n_probe // 2], mid, device)["nll"]
+    inj = code_injection(args, model, mc, data, device) if args.task == "grid" else None
+    if inj is not None:
+        log("10 metacontroller", "code injection, pair g completed next (model alone -> code injected): " + " | ".join(
+            f"{k} {'n/a' if v is None else f'{v[0]:.3f} -> {v[1]:.3f}'}" for k, v in inj.items() if k != "codes_per_pair"), **inj)
+    mc_forced = train_metacontroller(args, model, data["dstar_train"], device, log, args.seed, args.mc_steps, True)
+    forced_nll = switch_alignment(model, mc_forced, held, mid, device)["nll"]
     log("10 metacontroller-forced", f"held-out D* nll {forced_nll:.3f} (beta = 1 at every step)")
     metrics = {"switch_f1": al["f1"], "switch_precision": al["precision"], "switch_recall": al["recall"],
                "switch_rate": al["switch_rate"], "switch_collapse": verdict, "mc_nll": al["nll"], "mc_kl": al["kl"],
-               "beta_examples": al["examples"], "mc_forced_nll": forced_nll,
-               "mc_seed": chosen, "mc_candidates": candidates, "train_time_s": time.time() - t0}
+               "beta_examples": al["examples"], "mc_forced_nll": forced_nll, "injection": inj,
+               "train_time_s": time.time() - t0}
     return {"metrics": metrics, "mc": mc.state_dict(), "mc_forced": mc_forced.state_dict()}
 
 SWEEP_ALPHAS, COTRAIN_ALPHAS, SWEEP_SEEDS, SWEEP_GUMBEL = (0, 0.05, 0.1, 0.17, 0.3, 0.5, 1), (0, 0.1, 0.3, 1), 3, 1.0
 
 def alpha_sweep(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
-    """Rate against distortion (Fig. 7, App. C.6; --sweep alpha): each run's held-out action NLL against its KL per step,
-    over Eq. 3's alpha. Frozen base: SWEEP_SEEDS runs per alpha; the paper finds those that switch at subgoal boundaries
-    set apart from slightly lower-rate ones by a gap in NLL, so a wide range of alpha lands on them. Co-trained (App.
-    C.4.2: a fresh base model trained jointly on Eq. 3), one run per COTRAIN_ALPHAS: no such gap, mostly one switch.
-    "Aligned": switch F1 >= 0.9 (the paper labels by hand); beta is a Gumbel-sigmoid in training, the KL warm-up a fifth
-    of each run's steps. Then internal RL on the co-trained run at --alpha. Returns {"metrics"}, also sweep.json."""
+    """Rate against distortion (Fig. 7, App. C.6; --sweep alpha): each run's held-out action NLL against its KL per step.
+    Frozen base, SWEEP_SEEDS runs per alpha: the paper finds the runs that switch at subgoal boundaries set apart from
+    lower-rate ones by a gap, so a wide range of alpha lands on them. Co-trained (App. C.4.2: a fresh base model trained
+    with it), one run per COTRAIN_ALPHAS: no gap, mostly one switch. "Aligned": switch F1 >= 0.9 (the paper: by hand);
+    Gumbel-sigmoid beta, the KL warm-up a fifth of the steps. Then internal RL on the co-trained codes. {"metrics"}."""
     t0, mid, held = time.time(), args.n_layer // 2, data["dstar_heldout"][:args.n_probe // 2]
     jobs = [("frozen", a, args.seed + 1000 * i) for a in SWEEP_ALPHAS for i in range(SWEEP_SEEDS)] + \
         [("co-trained", a, args.seed) for a in sorted({*COTRAIN_ALPHAS, args.alpha})]
@@ -1382,7 +1382,7 @@ def internal_rl(args: Args, model: GPT, mc: MetaController, data: dict, device, 
     mid, post = args.n_layer // 2, env_module(args.task).POSTTRAIN_TASK
     def collect(n, s):
         agent = InternalAgent(mc, policy, n, s + 1, forced)
-        r = rollout(model, post, n, s, device, ctrl_fn=agent, ctrl_layer=mid, record=True)
+        r = rollout(model, [post], n, s, device, ctrl_fn=agent, ctrl_layer=mid, record=True)
         e_dec, z_dec, mask = agent.decisions(r["lengths"])                              # ALGO LOGIC: act = z at switches
         return {"rewards": r["rewards"], "e": e_dec, "z": z_dec, "mask": mask}
     logp_fn = lambda b: policy.log_prob(b["e"], b["z"])                                  # ALGO LOGIC: log pi(z | e)
@@ -1390,7 +1390,7 @@ def internal_rl(args: Args, model: GPT, mc: MetaController, data: dict, device, 
                  data["eval_seed"] + 3 * 10 ** 6, log)
     test_seed = data["eval_seed"] + 2 * 10 ** 6                                         # env seeds unused so far
     agent = InternalAgent(mc, policy, args.rl_eval, test_seed + 1, forced)
-    test = rollout(model, post, args.rl_eval, test_seed, device, ctrl_fn=agent, ctrl_layer=mid, record=True)
+    test = rollout(model, [post], args.rl_eval, test_seed, device, ctrl_fn=agent, ctrl_layer=mid, record=True)
     _, _, mask = agent.decisions(test["lengths"])                                       # (n, N)
     m["decisions_per_episode"] = float(mask.sum(1).mean())
     return {"metrics": rl_report(args, name, m, test, data, log, t0), "policy": policy.state_dict()}
@@ -1427,9 +1427,8 @@ FIGURES = ("env.png", "probe_accuracy.png", "controller_success.png", "beta_trac
            "variance_ratio.png", "rate_distortion.png")
 
 def make_figures(args: Args, results: dict) -> list:
-    """The run's PNGs: the env (Fig. 2), probe accuracy by layer (Fig. 3/A1), controller success by layer
-    (Fig. 4), switching-gate traces (Fig. 6/A3), RL curves (Fig. 8) and the App. E.2 toy's variance ratio. A stage
-    without results loses its figure."""
+    """The run's PNGs: the env (Fig. 2), probes (Fig. 3/A1), controllers (Fig. 4), switching gate (Fig. 6/A3), RL
+    curves (Fig. 8), App. E.2's variance ratio, rate against distortion (Fig. 7). A stage without results loses its own."""
     import matplotlib
     matplotlib.use("Agg")                                           # files only, no screen
     import matplotlib.pyplot as plt
@@ -1537,7 +1536,7 @@ def open_run_folder(args: Args) -> None:
         os.remove(os.path.join(args.out, ".writable"))
     except OSError as e:
         die(f"--out {args.out}: cannot use it as the run folder ({e.strerror or e}); choose another --out")
-    for path in [ckpt_path(args, name) for name in CHECKPOINTS if args.fresh]:
+    for path in [os.path.join(args.out, name + ".pt") for name in CHECKPOINTS if args.fresh]:
         if os.path.exists(path):
             os.remove(path)
             print(f"[13 main] --fresh: deleted {path}")
@@ -1568,8 +1567,9 @@ def main(argv=None) -> dict:
         """Add the results of later stages whose checkpoints still fit, make the figures, write results.json."""
         kept, dropped = [], []
         for name, (_, parent, _, _) in CHECKPOINTS.items():
-            if name not in status and os.path.exists(ckpt_path(args, name)):
-                ck = load_ckpt(ckpt_path(args, name), fingerprint(args, name, sums[parent])) if parent in sums else None
+            path = os.path.join(args.out, name + ".pt")
+            if name not in status and os.path.exists(path):
+                ck = load_ckpt(path, fingerprint(args, name, sums[parent])) if parent in sums else None
                 (dropped if ck is None else kept).append(name)
                 if ck is not None:
                     record(name, ck)

@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # The tests' settings: the quick preset (every stage, as a user runs it), made smaller still.
 SMALLER = dict(n_embd=32, n_layer=2, n_head=2, batch_size=32, bucket_batches=2, n_heldout=64, n_dstar=64, probe_steps=30,
                ctrl_steps=10, ctrl_batch=16, ctrl_layers="all", ctrl_oracle=True, n_eval=16, log_every=1000,
-               eval_every=1000, warmup=10, mc_steps=4, mc_batch=16, mc_screen=0, n_probe=64, rl_episodes=32,
+               eval_every=1000, warmup=10, mc_steps=4, mc_batch=16, n_probe=64, rl_episodes=32,
                rl_batch=16, rl_eval=16, sweep_steps=3, cotrain_steps=3)
 TINY = ["--preset", "quick"] + [x for k, v in SMALLER.items() for x in (
     ["--" + k.replace("_", "-")] if v is True else ["--" + k.replace("_", "-"), str(v)])]
@@ -631,8 +631,9 @@ def test_end_to_end_tiny_run(grid_run):
     for key in ("controller_success", "controller_success_pretrain"):   # success rates of 16 episodes per layer
         assert len(res[key]) == L1 and all(abs(16 * x - round(16 * x)) < 1e-6 for x in res[key])
     assert 0 <= res["controller_success_oracle"] <= 1
-    assert [c["seed"] for c in res["mc_candidates"]] == [0, 1000] and res["mc_seed"] == min(
-        res["mc_candidates"], key=lambda c: c["eq3"])["seed"]                    # --mc-seeds 2: the lower Eq. 3 kept
+    inj = res["injection"]                                                      # 4 x 16 prior codes, 16 per test
+    assert set(inj) == {"codes_per_pair", "in", "ood"} and sum(inj["codes_per_pair"]) <= 64
+    assert all(v is None or (len(v) == 2 and all(abs(16 * x - round(16 * x)) < 1e-6 for x in v)) for v in (inj["in"], inj["ood"]))
     assert res["switch_collapse"] == ir.collapse_verdict(res["switch_rate"], res["mc_kl"])
     for method in ("token_rl", "internal_rl", "internal_rl_no_temporal"):
         m = res[method]
@@ -869,8 +870,6 @@ def test_ctrl_c_during_pretraining_says_what_is_kept_and_the_rerun_continues(tmp
     (["--obj-attn", "top"], "--obj-attn must be '', 'last' or layers in 1..4"),
     (["--task", "ant", "--obj-attn", "2"], "--obj-attn is for the grid"),
     (["--n-dstar", "100"], "--n-probe (4000) must be at most --n-dstar (100)"),
-    (["--mc-screen", "5000"], "--mc-screen (5000) must be at most --mc-steps (3000)"),
-    (["--mc-screen", "-1"], "--mc-screen must be non-negative"),
     (["--preset", "huge"], "unknown --preset 'huge'; valid choices: default, quick"),
 ])
 def test_bad_input_exits_with_one_line(argv, needle):
@@ -1134,7 +1133,7 @@ def test_internal_rl_update_makes_rewarded_codes_likelier_and_touches_only_the_p
     assert ck["metrics"]["curve"][0][1] > 0.2                              # the batch had rewarded episodes
     pi = ir.ZPolicy(a)
     pi.load_state_dict(ck["policy"])
-    e0 = real(model, gw.POSTTRAIN_TASK, 32, 5, "cpu", record=True)["obs"][:, :1]
+    e0 = real(model, [gw.POSTTRAIN_TASK], 32, 5, "cpu", record=True)["obs"][:, :1]
     with torch.no_grad():
         out, _ = pi.gru(model.lower(e0, args.n_layer // 2))
         p_half = torch.distributions.Normal(0.0, 1.0).cdf(pi.mu(out[:, 0])[:, 0] / pi.log_std.exp()[0])
@@ -1162,38 +1161,38 @@ def test_token_rl_trains_a_copy_and_leaves_the_frozen_base_untouched(unfrozen, m
     assert not all(torch.equal(before[k], ck["policy"][k]) for k in before)    # the copy did train
 
 
-def test_metacontroller_seeds_keep_the_lowest_heldout_eq3(tmp_path):
-    args = tiny_args(out=str(tmp_path), n_probe=32, mc_seeds=2)
+def test_code_injection_keeps_named_codes_and_injects_them_on_time(monkeypatch):
+    # App. B.3.2: prior codes bucketed by the pair their episode completed first; each injection run is paired with
+    # the model alone on the same tasks and env seeds, and edits the stream only once the goal pair is the subgoal
+    args = tiny_args(n_eval=8)
     torch.manual_seed(0)
-    model = ir.GPT(args).requires_grad_(False).eval()
-    data, log = ir.make_datasets(args), ir.Logger(args.out)
-    ck = ir.metacontroller_stage(args, model, data, "cpu", log)
-    m, mcs = ck["metrics"], {"mc": ir.MetaController(args)}
-    mcs["mc"].load_state_dict(ck["mc"])
-    eq3 = {c["seed"]: c["eq3"] for c in m["mc_candidates"]}
-    assert sorted(eq3) == [0, 1000] and eq3[0] != eq3[1000] and m["mc_seed"] == min(eq3, key=eq3.get)
-    # the kept one is that seed's metacontroller, and its Eq. 3 is on held-out D*[n_probe/2:n_probe]
-    again = ir.train_metacontroller(args, model, data["dstar_train"], "cpu", log, seed=m["mc_seed"], steps=args.mc_steps)
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), mcs["mc"].state_dict().values()))
-    sel = ir.switch_alignment(model, mcs["mc"], data["dstar_heldout"][16:32], args.n_layer // 2, "cpu")
-    assert abs(sel["nll"] + args.alpha * sel["kl"] - eq3[m["mc_seed"]]) < 1e-6
-
-
-def test_metacontroller_screening_retrains_the_kept_seed(tmp_path):
-    # --mc-screen 4: both seeds train 4 of 8 steps and are compared there; the kept one trains again to step 8
-    args = tiny_args(out=str(tmp_path), n_probe=32, mc_seeds=2, mc_steps=8, mc_screen=4)
-    torch.manual_seed(0)
-    model = ir.GPT(args).requires_grad_(False).eval()
-    data, log = ir.make_datasets(args), ir.Logger(args.out)
-    ck = ir.metacontroller_stage(args, model, data, "cpu", log)
-    m, kept = ck["metrics"], ir.MetaController(args)
-    kept.load_state_dict(ck["mc"])
-    half = ir.train_metacontroller(args, model, data["dstar_train"], "cpu", log, seed=m["mc_seed"], steps=4)
-    sel = ir.switch_alignment(model, half, data["dstar_heldout"][16:32], args.n_layer // 2, "cpu")
-    assert abs(sel["nll"] + args.alpha * sel["kl"] - min(c["eq3"] for c in m["mc_candidates"])) < 1e-6
-    full = ir.train_metacontroller(args, model, data["dstar_train"], "cpu", log, seed=m["mc_seed"], steps=8)
-    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), kept.state_dict().values()))
-    assert not all(torch.equal(a, b) for a, b in zip(half.state_dict().values(), full.state_dict().values()))
+    model, mc = ir.GPT(args).eval(), ir.MetaController(args)
+    with torch.no_grad():
+        mc.decoder[2].weight.normal_(0, 0.1)                                   # A != 0: every code edits the stream
+    calls = []
+    def fake_rollout(m, tasks, n, seed, device, ctrl_fn=None, ctrl_layer=-1, record=False):
+        calls.append((list(tasks), n, seed, ctrl_fn, ctrl_layer))
+        return {"success": 0.25 if ctrl_fn is None else 0.5, "visited": [2 * (i % 3 == 0) for i in range(n)]}
+    monkeypatch.setattr(ir, "rollout", fake_rollout)
+    out = ir.code_injection(args, model, mc, {"eval_seed": 0}, "cpu")
+    first = [i for i in range(32) if i % 3 == 0]                               # the episodes that completed pair 1
+    assert out["codes_per_pair"] == [sum(gw.PRETRAIN_TASKS[i % 16][0] == 2 * q for i in first) for q in range(4)]
+    assert out["in"] == out["ood"] == [0.25, 0.5]
+    tasks0, n0, _, held, layer = calls[0]
+    assert tasks0 == list(gw.PRETRAIN_TASKS) and n0 == 32 and layer == args.n_layer // 2
+    x0 = torch.randn(args.n_embd)
+    edits = held(x0.expand(32, 1, -1), None)[:, 0]                             # (32, D): each prior code's U(z) x0
+    seen = {(t[k] // 2, t[k + 2] // 2) for t in gw.PRETRAIN_TASKS for k in (0, 2)}
+    for (tasks, n, seed, alone, _), (tasks_i, n_i, seed_i, inject, _), ood in ((calls[1], calls[2], False), (calls[3], calls[4], True)):
+        assert alone is None and (tasks, n, seed) == (tasks_i, n_i, seed_i)   # same layouts, same action noise
+        assert all((t[0] // 2, t[2] // 2) not in seen if ood else (t[0] // 2, t[2] // 2) in seen for t in tasks)
+        p = torch.tensor([tasks[i % len(tasks)][0] // 2 for i in range(n)])[:, None]
+        g = torch.tensor([tasks[i % len(tasks)][2] // 2 for i in range(n)])[:, None]
+        assert torch.equal(inject(x0.expand(n, 1, -1), p), torch.zeros(n, 1, args.n_embd))   # before: no edit
+        after = inject(x0.expand(n, 1, -1), g)[:, 0]                           # (n, D) once pair g is the subgoal
+        for i in range(n):                                    # the code injected names g: one that completed it first
+            named = [j for j in first if gw.PRETRAIN_TASKS[j % 16][0] == 2 * int(g[i])]
+            assert any(torch.allclose(after[i], edits[j], atol=1e-6) for j in named)
 
 
 def test_switching_unit_and_policy_are_causal(mc_setup):
@@ -1228,7 +1227,7 @@ def test_internal_agent_decides_at_switches_only(mc_setup):
         with torch.no_grad():
             mc.switch[2].bias.fill_(bias)                                    # beta ~ 0 or ~ 1 everywhere
         agent = ir.InternalAgent(mc, pi, 8, seed=0, forced=forced)
-        r = ir.rollout(model, gw.POSTTRAIN_TASK, 8, 0, "cpu", ctrl_fn=agent, ctrl_layer=args.n_layer // 2, record=True)
+        r = ir.rollout(model, [gw.POSTTRAIN_TASK], 8, 0, "cpu", ctrl_fn=agent, ctrl_layer=args.n_layer // 2, record=True)
         _, _, mask = agent.decisions(r["lengths"])
         expect = torch.ones(8) if (bias < 0 and not forced) else r["lengths"].float()
         assert torch.equal(mask.sum(1), expect)                              # 1 decision, or one per step
@@ -1264,7 +1263,7 @@ def test_collapse_verdicts():
 def test_rl_update_makes_rewarded_episodes_more_likely(model_and_batch):
     args, model, b = model_and_batch
     policy = ir.copy.deepcopy(model).requires_grad_(True)
-    r = ir.rollout(policy, gw.POSTTRAIN_TASK, 16, 0, "cpu", record=True)
+    r = ir.rollout(policy, [gw.POSTTRAIN_TASK], 16, 0, "cpu", record=True)
     batch = {"obs": r["obs"], "actions": r["actions"], "mask": ir.step_mask(r["lengths"], r["actions"].shape[1]),
              "rewards": torch.tensor([1.0, 0.0] * 8)}                         # pretend every other one succeeded
     logp_fn = lambda bb: policy.action_logp(policy(bb["obs"])[0], bb["actions"])

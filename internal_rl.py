@@ -150,7 +150,7 @@ class Args:
 
 # Presets: the fields each changes. Grid: object attention in the top block; ant: D is a stored set of long
 # episodes, full-rank controllers (Table A8).
-GRID = dict(obj_attn="last", mc_steps=3000)
+GRID = dict(obj_attn="last")
 ANT = dict(n_train=2500, action_noise=0.03, n_heldout=200, n_dstar=400, n_embd=128, batch_size=16,
            pretrain_steps=2000, lr=1e-3, obs_coef=0.0, eval_every=500, log_every=100, n_probe=400, ctrl_rank=0,
            ctrl_batch=16, ctrl_layers="mid", n_eval=100, mc_steps=150, mc_batch=16, mc_kl_warmup=45,

@@ -893,10 +893,6 @@ ANT_TINY = ["--task", "ant", "--n-embd", "32", "--n-layer", "2", "--n-head", "2"
             "--mc-steps", "2", "--mc-batch", "2", "--rl-episodes", "4", "--rl-batch", "2", "--rl-eval", "2"]
 
 
-def test_ant_constants_agree_with_the_env():
-    assert (ir.ANT_OBS_DIM, ir.ANT_MAX_STEPS) == (at.OBS_DIM, at.MAX_STEPS)
-
-
 def test_ant_model_is_causal_and_its_gaussian_head_matches_torch():
     args = ir.parse_args(["--task", "ant", "--n-embd", "32", "--n-layer", "2", "--n-head", "2"])
     torch.manual_seed(0)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -1386,94 +1387,87 @@ def make_figures(args: Args, results: dict) -> list:
     import matplotlib.pyplot as plt
     plt.switch_backend("Agg")                                       # files only, no screen
     paths, r, E = [], results, env_module(args.task)
-    def figure(name, title, size=(4.5, 3.2), rows=1, **kw):          # a figure saved by save()
+    @contextlib.contextmanager
+    def figure(name, title, size=(4.5, 3.2), rows=1, legend="best", **kw):   # with figure(...) as ax: draw; saved
         fig, ax = plt.subplots(rows, 1, figsize=size, squeeze=False, sharex=True)
         ax[0, 0].set_title(title, fontsize=8)
         ax[-1, 0].set(**kw)
-        paths.append(os.path.join(args.out, name))
-        return fig, ax[:, 0]
-    def save(fig, legend=None, loc="best"):
-        if legend is not None:
-            legend.legend(frameon=False, fontsize=7, loc=loc)
+        yield ax[:, 0]
+        if legend:                                                  # legend: its loc, or None
+            ax[0, 0].legend(frameon=False, fontsize=7, loc=legend)
         fig.tight_layout()
-        fig.savefig(paths[-1], dpi=100)
+        fig.savefig(os.path.join(args.out, name), dpi=100)
         plt.close(fig)
+        paths.append(os.path.join(args.out, name))
     try:                                                            # one pretraining-task layout, as rgb_array
         env = (E.GridPinpadEnv if args.task == "grid" else E.AntPinpadEnv)(render_mode="rgb_array")
         env.reset(seed=args.seed, options={"task": E.PRETRAIN_TASKS[0]})
         img = env.render()                                          # (H, W, 3)
-        fig, ax = figure("env.png", "gridworld-pinpad (black: agent, grey: walls)" if args.task == "grid" else
-                         "ant-pinpad (colours 0-3: red, orange, green, blue)", (3.2, 3.4), xticks=[], yticks=[])
-        ax[0].imshow(img)
-        save(fig)
+        with figure("env.png", "gridworld-pinpad (black: agent, grey: walls)" if args.task == "grid" else
+                    "ant-pinpad (colours 0-3: red, orange, green, blue)", (3.2, 3.4), xticks=[], yticks=[], legend=None) as ax:
+            ax[0].imshow(img)
     except Exception as e:  # noqa: BLE001 -- MuJoCo needs an OpenGL backend; the other figures do not
         if args.task == "grid":
             raise
         print(f"[12 figures] no env.png: MuJoCo cannot render here ({type(e).__name__}); try MUJOCO_GL=egl")
     if "probe_accuracy" in r:
         acc = r["probe_accuracy"]                                   # one per layer 0..L
-        fig, ax = figure("probe_accuracy.png", "Linear probe of the current subgoal", xlabel="layer l (0 = embedding)",
-                         ylabel="held-out accuracy", xticks=range(len(acc)), ylim=(0, 1))
-        ax[0].plot(range(len(acc)), acc, "o-", color="C0", label="probe")
-        ax[0].axhline(0.25, ls=":", color="grey", label="chance")
-        save(fig, ax[0])
+        with figure("probe_accuracy.png", "Linear probe of the current subgoal", xlabel="layer l (0 = embedding)",
+                    ylabel="held-out accuracy", xticks=range(len(acc)), ylim=(0, 1)) as ax:
+            ax[0].plot(range(len(acc)), acc, "o-", color="C0", label="probe")
+            ax[0].axhline(0.25, ls=":", color="grey", label="chance")
     if "controller_success" in r:
         L1 = len(r["controller_success"])                           # layers 0..L (None where not trained)
-        fig, ax = figure("controller_success.png", "Ground-truth subgoal controllers", xlabel="controlled layer l",
-                         ylabel="success rate", xticks=range(L1), ylim=(0, 1.35), yticks=np.linspace(0, 1, 6))
-        for key, label, c in (("controller_success_pretrain", "pretraining tasks", "C0"),
-                              ("controller_success", "post-training task", "C3")):
-            xs = [l for l in range(L1) if r[key][l] is not None]
-            ax[0].plot(xs, [r[key][l] for l in xs], "o-", color=c, label=f"controllers, {label}")
-        if "controller_success_oracle" in r:                       # section 8's diagnostic (not the protocol)
-            ax[0].plot([L1 // 2], [r["controller_success_oracle"]], "*", ms=10, color="C3",
-                       label="trained with post-training episodes (diagnostic)")
-        ax[0].axhline(r["base_success_pretrain"], ls="--", color="C0", alpha=0.6, label="base alone, pretraining")
-        ax[0].axhline(r["base_success"], ls="--", color="C3", alpha=0.6, label="base alone, post-training")
-        save(fig, ax[0], loc="upper left")
+        with figure("controller_success.png", "Ground-truth subgoal controllers", xlabel="controlled layer l",
+                    ylabel="success rate", xticks=range(L1), ylim=(0, 1.35), yticks=np.linspace(0, 1, 6), legend="upper left") as ax:
+            for key, label, c in (("controller_success_pretrain", "pretraining tasks", "C0"),
+                                  ("controller_success", "post-training task", "C3")):
+                xs = [l for l in range(L1) if r[key][l] is not None]
+                ax[0].plot(xs, [r[key][l] for l in xs], "o-", color=c, label=f"controllers, {label}")
+            if "controller_success_oracle" in r:                       # section 8's diagnostic (not the protocol)
+                ax[0].plot([L1 // 2], [r["controller_success_oracle"]], "*", ms=10, color="C3",
+                           label="trained with post-training episodes (diagnostic)")
+            ax[0].axhline(r["base_success_pretrain"], ls="--", color="C0", alpha=0.6, label="base alone, pretraining")
+            ax[0].axhline(r["base_success"], ls="--", color="C3", alpha=0.6, label="base alone, post-training")
     if "beta_examples" in r:                                        # beta_t over time, the true subgoals as bands
         ex = r["beta_examples"]                                     # six held-out episodes: beta_t and g_t
-        fig, ax = figure("beta_traces.png", f"Switching gate on held-out D* (bands: true subgoal; F1 "
-                         f"{r['switch_f1']:.2f})", (5.5, 1.1 * len(ex) + 0.6), len(ex), xlabel="time step t")
-        for a, e in zip(ax, ex):
-            for t, g in enumerate(e["subgoals"]):
-                a.axvspan(t - 0.5, t + 0.5, color=f"C{g}", alpha=0.25, lw=0)
-            a.plot(range(len(e["beta"])), e["beta"], "k.-", lw=1, ms=3)
-            a.axhline(0.5, ls=":", color="grey", lw=0.8)
-            a.set(ylim=(-0.05, 1.05), yticks=[0, 1], ylabel="beta")
-        save(fig)
+        with figure("beta_traces.png", f"Switching gate on held-out D* (bands: true subgoal; F1 "
+                    f"{r['switch_f1']:.2f})", (5.5, 1.1 * len(ex) + 0.6), len(ex), xlabel="time step t", legend=None) as ax:
+            for a, e in zip(ax, ex):
+                for t, g in enumerate(e["subgoals"]):
+                    a.axvspan(t - 0.5, t + 0.5, color=f"C{g}", alpha=0.25, lw=0)
+                a.plot(range(len(e["beta"])), e["beta"], "k.-", lw=1, ms=3)
+                a.axhline(0.5, ls=":", color="grey", lw=0.8)
+                a.set(ylim=(-0.05, 1.05), yticks=[0, 1], ylabel="beta")
     methods = [(k, lab) for k, lab in (("internal_rl", "internal RL"), ("internal_rl_no_temporal", "internal RL, beta = 1"),
                                        ("token_rl", "token-level RL")) if k in r]
     if methods:
-        fig, ax = figure("rl_curves.png", "Post-training task, sparse reward", xlabel="training episodes",
-                         ylabel="success (training batches)", ylim=(-0.02, 1.02))
-        for k, lab in methods:
-            c = np.array(r[k]["curve"])                             # (batches, 2): episodes so far, batch success
-            w = max(1, len(c) // 20)                                # a moving average over batches, for readability
-            smooth = np.convolve(c[:, 1], np.ones(w), "same") / np.convolve(np.ones(len(c)), np.ones(w), "same")
-            ax[0].plot(c[:, 0], smooth, label=f"{lab} (test {r[k]['success']:.2f})")
-        save(fig, ax[0])
+        with figure("rl_curves.png", "Post-training task, sparse reward", xlabel="training episodes",
+                    ylabel="success (training batches)", ylim=(-0.02, 1.02)) as ax:
+            for k, lab in methods:
+                c = np.array(r[k]["curve"])                             # (batches, 2): episodes so far, batch success
+                w = max(1, len(c) // 20)                                # a moving average over batches, for readability
+                smooth = np.convolve(c[:, 1], np.ones(w), "same") / np.convolve(np.ones(len(c)), np.ones(w), "same")
+                ax[0].plot(c[:, 0], smooth, label=f"{lab} (test {r[k]['success']:.2f})")
     if "variance_toy" in r:                                         # App. E.2's argument, measured (section 11)
         v = r["variance_toy"]
-        fig, ax = figure("variance_ratio.png", f"Gradient variance, raw actions / codes (dotted: K ||W||^2 / Z, Z = "
-                         f"{v['Z']})", xlabel="primitive steps K per code", ylabel="tr Var[g_raw] / tr Var[g_z]",
-                         xscale="log", yscale="log")
-        for i, (d, row) in enumerate(zip(v["d"], v["ratio"])):
-            ax[0].plot(v["K"], row, "o-", color=f"C{i}", label=f"action dimension d = {d}")
-            ax[0].plot(v["K"], v["predicted"][i], ":", color=f"C{i}")
-        save(fig, ax[0])
+        with figure("variance_ratio.png", f"Gradient variance, raw actions / codes (dotted: K ||W||^2 / Z, Z = "
+                    f"{v['Z']})", xlabel="primitive steps K per code", ylabel="tr Var[g_raw] / tr Var[g_z]",
+                    xscale="log", yscale="log") as ax:
+            for i, (d, row) in enumerate(zip(v["d"], v["ratio"])):
+                ax[0].plot(v["K"], row, "o-", color=f"C{i}", label=f"action dimension d = {d}")
+                ax[0].plot(v["K"], v["predicted"][i], ":", color=f"C{i}")
     if "sweep" in r:                                                # Fig. 7: rate against distortion (section 10)
-        fig, ax = figure("rate_distortion.png", "Rate against distortion over alpha (numbers: switches per episode; "
-                         "ring: switch F1 >= 0.9)", (6, 3.8), xlabel="distortion: held-out action NLL per step",
-                         ylabel="rate: KL per step")
-        ax[0].set_yscale("symlog", linthresh=0.01)                  # alpha = 0 sends far more than the rest
-        for p in (runs := r["sweep"]["runs"]):
-            first = p is next(q for q in runs if q["condition"] == p["condition"])        # one legend entry each
-            ax[0].scatter(p["nll"], p["kl"], c="C0" if p["condition"] == "frozen" else "C3", s=60 if p["aligned"] else 18,
-                          marker="o" if p["condition"] == "frozen" else "s", label=p["condition"] if first else None,
-                          edgecolors="k" if p["aligned"] else "none")
-            ax[0].annotate(f"{p['switches']:.1f}", (p["nll"], p["kl"]), fontsize=5, xytext=(3, 2), textcoords="offset points")
-        save(fig, ax[0])
+        with figure("rate_distortion.png", "Rate against distortion over alpha (numbers: switches per episode; "
+                    "ring: switch F1 >= 0.9)", (6, 3.8), xlabel="distortion: held-out action NLL per step",
+                    ylabel="rate: KL per step") as ax:
+            ax[0].set_yscale("symlog", linthresh=0.01)                  # alpha = 0 sends far more than the rest
+            for p in (runs := r["sweep"]["runs"]):
+                first = p is next(q for q in runs if q["condition"] == p["condition"])        # one legend entry each
+                ax[0].scatter(p["nll"], p["kl"], c="C0" if p["condition"] == "frozen" else "C3", s=60 if p["aligned"] else 18,
+                              marker="o" if p["condition"] == "frozen" else "s", label=p["condition"] if first else None,
+                              edgecolors="k" if p["aligned"] else "none")
+                ax[0].annotate(f"{p['switches']:.1f}", (p["nll"], p["kl"]), fontsize=5, xytext=(3, 2), textcoords="offset points")
     for stale in {os.path.join(args.out, f) for f in FIGURES} - set(paths):    # figures of stages without results
         if os.path.exists(stale):
             os.remove(stale)

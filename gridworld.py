@@ -5,6 +5,7 @@ Contents
   2. Shortest-path distances (the expert's dynamic programme) and layout sampling
   3. GridPinpadEnv: the gymnasium env (spec sheet in its docstring)
   4. The expert policy, its episode generator for the datasets D and D*, and a vectorised one for large batches
+     (ExpertPool: the vectorised one in worker processes, ahead of use)
   5. Registration as ``GridPinpad-v0``
 
 Cells are numbered ``row * 7 + col`` (row 0 at the top). Everything random comes from the env's
@@ -12,6 +13,9 @@ Cells are numbered ``row * 7 + col`` (row 0 at the top). Everything random comes
 everything.
 """
 from __future__ import annotations
+
+import multiprocessing
+import weakref
 
 import numpy as np
 import gymnasium as gym
@@ -421,7 +425,6 @@ def expert_episode(rng: np.random.Generator, task: tuple, epsilon: float = 0.0, 
             "next_colour": nexts, "optimal": np.asarray(optimal, dtype=bool), "success": success}
 
 
-
 def expert_episodes(rng: np.random.Generator, n: int, tasks, epsilon: float = 0.0, max_steps: int = MAX_STEPS) -> list:
     """``n`` expert episodes at once, each on a task drawn uniformly from ``tasks``: numpy over all of them in
     lock-step instead of a Python loop per step, for batches the size of the paper's (1,024 episodes).
@@ -438,6 +441,40 @@ def expert_episodes(rng: np.random.Generator, n: int, tasks, epsilon: float = 0.
             for i, ep in zip(chunk, _episodes_of(rng, task, epsilon, max_steps)):
                 out[i] = ep
     return out
+
+
+def _expert_job(job: tuple) -> list:
+    """One job of an ExpertPool (run in a worker process): the episodes of the random stream (seed, index)."""
+    seed, index, n, tasks, epsilon = job
+    return expert_episodes(np.random.default_rng([seed, index]), n, tasks, epsilon)
+
+
+class ExpertPool:
+    """``pool(n)``: ``n`` fresh expert episodes from ``expert_episodes``, made ahead of use by ``workers``
+    processes (``workers`` <= 1: in this process, when asked), so that pretraining at the paper's batch of 1,024
+    episodes does not wait for its data.
+
+    Call i returns the episodes of the random stream ``(seed, i)`` whatever ``workers`` is: the data do not depend
+    on the machine. Every call asks for the same ``n`` (the jobs queued ahead were made for it)."""
+
+    def __init__(self, seed: int, tasks, epsilon: float = 0.0, workers: int = 1, ahead: int = 2):
+        self.seed, self.tasks, self.epsilon, self.calls, self.queued = int(seed), tuple(tasks), float(epsilon), 0, []
+        self.ahead, self.pool = max(1, ahead * workers), None
+        if workers > 1:                          # spawned, not forked: safe beside CUDA and torch's threads
+            self.pool = multiprocessing.get_context("spawn").Pool(workers)
+            weakref.finalize(self, self.pool.terminate)          # the workers stop with this object
+
+    def __call__(self, n: int) -> list:
+        job = lambda i: (self.seed, i, int(n), self.tasks, self.epsilon)
+        self.calls += 1
+        if self.pool is None:
+            return _expert_job(job(self.calls - 1))
+        if self.queued and self.queued[0][0] != n:
+            raise ValueError(f"ExpertPool: every call asks for the same n; the queued jobs have {self.queued[0][0]}, "
+                             f"this call asks for {n}")
+        while len(self.queued) < self.ahead:                    # keep ``ahead`` jobs in flight, in call order
+            self.queued.append((n, self.pool.apply_async(_expert_job, (job(self.calls - 1 + len(self.queued)),))))
+        return self.queued.pop(0)[1].get()
 
 
 def _layouts(rng: np.random.Generator, task: np.ndarray) -> tuple:

@@ -24,9 +24,9 @@ Commands (a 2-core CPU is enough; --help lists every setting with the chosen tas
     python internal_rl.py --task grid --sweep alpha        # Fig. 7's rate-distortion sweep (end of section 10)
     MUJOCO_GL=egl python internal_rl.py --task ant         # the MuJoCo ant
     python -m pytest -q test_internal_rl.py                # the tests
-Outputs go to --out (default runs/<task>-seed<seed>[-quick]): checkpoints, metrics.jsonl (the log as JSON), the
-figures and results.json. Reruns reuse every stage whose settings and code are unchanged (section 2; --fresh: none);
-after Ctrl-C, rerun the same command. Log lines start with the number of the section that writes them.
+Outputs go to --out (default runs/<task>-seed<seed>[-<preset>]): checkpoints, metrics.jsonl (the log as JSON), the
+figures, results.json. Stages whose settings and code are unchanged are reused (section 2; --fresh: none), so after
+Ctrl-C rerun the same command. Log lines start with the number of the section that writes them.
 
 Notation (shape comments use these letters)
     B batch (episodes; n in rollouts)   T time steps   D residual width (n_embd)   L blocks (n_layer)   nh heads,
@@ -34,9 +34,8 @@ Notation (shape comments use these letters)
     H the metacontroller's hidden size (mc_hidden)   N decisions per episode (internal RL)   T' actions per episode
     (steps or decisions)   e_{t,l} the residual at step t after block l (0: the embedding)   U = A B^T (A, B: D x r)
 
-Deviations (the README's table gives reasons): a CPU-sized model and budget (d=64, 4 blocks; the paper: d=256,
-6 blocks, ~400x the episodes); an agent-centred embedding, object attention (section 4); GRUs for Hawk SSMs; a KL
-warm-up (section 10); a hand-designed ant expert, not PPO.
+Deviations (the README's table gives reasons): a CPU-sized model and budget (d=64, 4 blocks; the paper's: --preset
+paper); an agent-centred embedding, object attention (section 4); GRUs for Hawk SSMs; a KL warm-up; an ant expert by hand.
 """
 from __future__ import annotations
 
@@ -74,7 +73,8 @@ def arg(default, help: str):
 class Args:
     # -- run --
     task: str = arg("grid", "environment: grid (gridworld-pinpad) or ant (ant-pinpad, MuJoCo)")
-    preset: str = arg("default", "default (the full run) or quick (every stage in minutes: demos, smoke runs, tests)")
+    preset: str = arg("default", "default (the full run), quick (every stage in minutes: demos, smoke runs, tests) or "
+                      "paper (grid: the sizes and budgets of Tables A4-A16, for a GPU)")
     seed: int = arg(0, "seed for everything (data, initialisation, evaluation episodes)")
     device: str = arg("auto", "cpu, cuda, or auto (cuda when present)")
     out: str = arg("", "run folder (default runs/<task>-seed<seed>, plus -<preset> for a preset other than default)")
@@ -83,44 +83,46 @@ class Args:
     fresh: bool = arg(False, "retrain every stage: delete the run folder's checkpoints first")
     # -- data (section 3) --
     epsilon: float = arg(0.0, "expert noise in D: probability of a random non-terminating action (paper: 0)")
-    batch_size: int = arg(64, "episodes per pretraining batch")
+    batch_size: int = arg(64, "episodes per pretraining batch (Table A4: 1024)")
     bucket_batches: int = arg(8, "batches drawn together and sorted by length, to cut padding")
     n_heldout: int = arg(2000, "held-out episodes of D (pretraining metrics)")
     n_dstar: int = arg(8000, "episodes of D* (epsilon = 0) for controllers and metacontroller; as many again held out")
     n_train: int = arg(0, "ant: episodes of the stored set D, reused every epoch (the grid draws fresh ones)")
     action_noise: float = arg(0.0, "ant: std of Gaussian noise on the expert's actions in D (D* has none)")
-    workers: int = arg(2, "ant: processes that generate the stored expert episodes")
+    workers: int = arg(2, "processes that make expert episodes: the ant's stored sets, the grid's with --fast-expert")
+    fast_expert: bool = arg(False, "grid: pretraining batches from gridworld.ExpertPool (vectorised, --workers processes)")
     expert_eval: int = arg(200, "ant: post-training episodes that measure the expert (RL is normalised by it)")
     # -- base model (section 4) --
     n_layer: int = arg(4, "transformer blocks L (Table A4: 6)")
-    n_head: int = arg(4, "attention heads")
+    n_head: int = arg(4, "attention heads (Table A16: 4)")
     n_embd: int = arg(64, "residual width D (Table A4: 256)")
     obj_attn: str = arg("", "grid: blocks that also attend over their step's objects: 'last', a list of 1..L, or ''")
-    mlp_mult: int = arg(4, "MLP hidden = mlp_mult * n_embd (ReLU, Table A16)")
+    mlp_mult: int = arg(4, "MLP hidden = mlp_mult * n_embd, ReLU (Table A16: 512 = 2 * 256)")
     rel_buckets: int = arg(32, "relative-position attention-bias buckets (Table A16: 32)")
     # -- pretraining (section 6) --
-    pretrain_steps: int = arg(9600, "optimiser steps; every grid batch is fresh expert data")
+    pretrain_steps: int = arg(9600, "optimiser steps; every grid batch is fresh expert data (Table A4: 256,000)")
+    pretrain_minutes: float = arg(0.0, "stop pretraining at the first evaluation after this many minutes (0: no limit)")
     lr: float = arg(2e-3, "AdamW learning rate (Table A4: 3e-4 at batch 1024)")
     warmup: int = arg(200, "linear learning-rate warm-up steps, then constant (Table A4: constant)")
-    cooldown: float = arg(0.3, "fraction of the final steps over which the learning rate decays linearly to 0")
+    cooldown: float = arg(0.3, "fraction of the final steps over which the learning rate decays linearly to 0 (Table A4: 0)")
     weight_decay: float = arg(0.03, "AdamW weight decay (Table A4)")
     obs_coef: float = arg(0.01, "lambda in Eq. 5: weight of the next-observation loss (Table A4: 0 to 0.01)")
     grad_clip: float = arg(1.0, "gradient-norm clip")
     eval_every: int = arg(1000, "held-out metrics every this many pretraining steps")
     # -- probes (section 7) --
     n_probe: int = arg(4000, "held-out D* episodes for the probes (half to fit, half to score)")
-    probe_steps: int = arg(300, "full-batch AdamW steps per layer probe")
-    probe_lr: float = arg(5e-2, "probe learning rate (the features are standardised)")
+    probe_steps: int = arg(300, "full-batch AdamW steps per layer probe (Table A6: 8,000 at batch 512)")
+    probe_lr: float = arg(5e-2, "probe learning rate, on standardised features (Table A6: 1e-3)")
     # -- controllers (section 8) --
     ctrl_rank: int = arg(16, "rank r of each controller U = A B^T (Table A7: 16); 0 = full rank D (Table A8, ant)")
     ctrl_steps: int = arg(400, "optimiser steps per layer (Table A7: 3200 at batch 512)")
-    ctrl_batch: int = arg(128, "D* episodes per controller batch")
+    ctrl_batch: int = arg(128, "D* episodes per controller batch (Table A7: 512)")
     ctrl_lr: float = arg(3e-3, "controller learning rate (Table A7: 1e-3)")
     ctrl_layers: str = arg("all", "layers to train controllers at: 'all' (0..L), 'mid' (L/2) or a comma list")
     n_eval: int = arg(500, "evaluation episodes per task family (pretraining tasks / post-training task)")
     ctrl_oracle: bool = arg(True, "grid diagnostic (not the protocol): controllers at L/2 on D* + post-training episodes")
     # -- the RL toolkit and token-level RL (section 9) --
-    rl_episodes: int = arg(24576, "training episodes per RL method (every method gets the same budget)")
+    rl_episodes: int = arg(24576, "training episodes per RL method, the same for each (Table A13: 100k steps of 1024)")
     rl_batch: int = arg(256, "episodes per RL batch (Table A13: 1024)")
     rl_epochs: int = arg(2, "optimiser steps per batch (full-batch PPO epochs)")
     clip_coef: float = arg(0.2, "PPO ratio clip epsilon")
@@ -132,7 +134,7 @@ class Args:
     mc_hidden: int = arg(32, "hidden size of the history GRU, the sequence embedding and the decoder (Table A9: 32)")
     mc_enc_hidden: int = arg(64, "hidden size of the encoder and switching-unit MLPs (Table A9: 64)")
     mc_steps: int = arg(2000, "metacontroller optimiser steps (Table A9: 64,000 at batch 512)")
-    mc_batch: int = arg(128, "D* episodes per metacontroller batch")
+    mc_batch: int = arg(128, "D* episodes per metacontroller batch (Table A9: 512)")
     mc_lr: float = arg(3e-3, "metacontroller learning rate (Table A9: 1e-3)")
     mc_kl_warmup: int = arg(600, "steps over which alpha ramps up from 0 (the paper: none)")
     mc_gumbel: float = arg(0.0, "Gumbel-sigmoid temperature of beta in training (0: plain sigmoid, the paper's default)")
@@ -143,7 +145,8 @@ class Args:
     irl_lr: float = arg(1e-3, "AdamW learning rate of the internal-RL policy (Table A13: 3e-5)")
     irl_hidden: int = arg(64, "GRU width of the causal z-policy (Table A13: a 1-layer SSM of width 256)")
 
-# Presets: the fields each changes. Grid: object attention in the top block; ant: a stored D, full-rank controllers.
+# Presets: the fields each changes. Grid: object attention in the top block; ant: a stored D, full-rank controllers;
+# paper: Tables A4, A6, A7, A9, A13 and A16 (what they leave open stays as in the CPU default).
 GRID = dict(obj_attn="last")
 ANT = dict(n_train=2500, action_noise=0.03, n_heldout=200, n_dstar=400, n_embd=128, batch_size=16, pretrain_steps=2000,
            lr=1e-3, obs_coef=0.0, eval_every=500, log_every=100, n_probe=400, ctrl_rank=0, ctrl_batch=16, ctrl_layers="mid",
@@ -151,13 +154,16 @@ ANT = dict(n_train=2500, action_noise=0.03, n_heldout=200, n_dstar=400, n_embd=1
 QUICK = dict(n_heldout=400, n_dstar=1000, n_probe=1000, eval_every=200, log_every=100, ctrl_layers="mid",
              ctrl_steps=150, n_eval=100, ctrl_oracle=False, mc_steps=200, mc_batch=64, mc_kl_warmup=60,
              rl_episodes=1024, rl_batch=128, rl_eval=200, sweep_steps=100, cotrain_steps=200)
+PAPER = dict(n_layer=6, n_embd=256, mlp_mult=2, batch_size=1024, pretrain_steps=256_000, lr=3e-4, warmup=0, cooldown=0.0,
+             fast_expert=True, probe_steps=8000, probe_lr=1e-3, ctrl_steps=3200, ctrl_batch=512, ctrl_lr=1e-3, mc_steps=64_000,
+             mc_batch=512, mc_lr=1e-3, mc_kl_warmup=0, rl_batch=1024, rl_episodes=1024 * 100_000, irl_lr=3e-5, irl_hidden=256)
 ANT_QUICK = dict(n_train=300, n_heldout=40, n_dstar=60, n_probe=60, pretrain_steps=150, eval_every=50, ctrl_steps=50,
                  n_eval=20, mc_steps=20, mc_batch=16, mc_kl_warmup=6, rl_episodes=64, rl_batch=32, rl_eval=20, expert_eval=40)
-PRESETS = {"grid": {"default": GRID, "quick": {**GRID, **QUICK, "pretrain_steps": 600}},
+PRESETS = {"grid": {"default": GRID, "quick": {**GRID, **QUICK, "pretrain_steps": 600}, "paper": {**GRID, **PAPER}},
            "ant": {"default": ANT, "quick": {**ANT, **QUICK, **ANT_QUICK}}}
 STAGES = ("pretrain", "probe", "controllers", "metacontroller", "rl")
 MAY_BE_ZERO = ("seed", "epsilon", "obs_coef", "weight_decay", "warmup", "cooldown", "alpha", "mc_kl_warmup",
-               "mc_gumbel", "n_train", "action_noise", "ctrl_rank")    # every other number: > 0
+               "mc_gumbel", "n_train", "action_noise", "ctrl_rank", "pretrain_minutes")    # every other number: > 0
 ANT_ONLY = ("n_train", "action_noise", "workers", "expert_eval")
 
 def die(msg: str):
@@ -192,8 +198,8 @@ def parse_args(argv=None) -> Args:
             die(f"{flag} must be a finite number, got {v}")
         if isinstance(v, (int, float)) and not isinstance(v, bool) and (v < 0 or (v == 0 and f.name not in MAY_BE_ZERO)):
             die(f"{flag} must be {'non-negative' if f.name in MAY_BE_ZERO else 'positive'}, got {v}")
-        if grid and f.name in ANT_ONLY and f.name in given:
-            die(f"{flag} is for the ant; the grid draws fresh expert episodes every step")
+        if grid and f.name in ANT_ONLY and f.name in given and not (f.name == "workers" and args.fast_expert):
+            die(f"{flag} is for the ant; the grid draws fresh expert episodes every step (--workers: with --fast-expert)")
     checks = [(grid and args.ctrl_rank == 0, "--ctrl-rank 0 (full rank) is for the ant; the grid needs a rank, e.g. 16"),
               (args.cooldown > 1, f"--cooldown is a fraction of the steps in [0, 1], got {args.cooldown}"),
               (args.epsilon >= 1, f"--epsilon must be in [0, 1), got {args.epsilon}"),
@@ -203,6 +209,7 @@ def parse_args(argv=None) -> Args:
               (not grid and not args.n_train, "--task ant needs a stored dataset: --n-train must be positive"),
               (args.sweep not in ("", "alpha"), f"unknown --sweep {args.sweep!r}; valid choice: alpha"),
               (not grid and args.sweep, "--sweep is for the grid (its co-trained runs draw fresh expert episodes)"),
+              (not grid and args.fast_expert, "--fast-expert is for the grid (the ant's D is a stored set)"),
               (args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()),
                f"--device {args.device!r} is not available here; valid choices: auto, cpu"
                + (", cuda" if torch.cuda.is_available() else " (no CUDA device found)"))]
@@ -214,7 +221,7 @@ def parse_args(argv=None) -> Args:
         obj_attn_blocks(args)
     except ValueError as e:
         die(str(e))
-    suffix = "" if args.preset == "default" else f"-{args.preset}"   # runs/grid-seed0, runs/grid-seed0-quick
+    suffix = "" if args.preset == "default" else f"-{args.preset}"          # runs/grid-seed0, runs/grid-seed0-quick
     args.out = args.out or os.path.join("runs", f"{args.task}-seed{args.seed}{suffix}")
     return args
 
@@ -276,7 +283,7 @@ CHECKPOINTS = {
     "pretrain": (6, "data", ("task", "seed", "epsilon", "n_heldout", "n_train", "action_noise", "batch_size",
                              "bucket_batches", "n_layer", "n_head", "n_embd", "obj_attn", "mlp_mult", "rel_buckets",
                              "pretrain_steps", "lr", "warmup", "cooldown", "weight_decay", "obs_coef", "grad_clip",
-                             "eval_every"), ("make_datasets", "pretrain")),
+                             "eval_every", "fast_expert", "pretrain_minutes"), ("make_datasets", "pretrain")),
     "probe": (7, "pretrain", ("n_dstar", "n_probe", "probe_steps", "probe_lr"), ("probe_stage",)),
     "controllers": (8, "pretrain", ("n_dstar", "n_probe", "ctrl_rank", "ctrl_steps", "ctrl_batch", "ctrl_lr",
                                     "ctrl_layers", "n_eval", "ctrl_oracle"), ("controller_stage",)),
@@ -551,8 +558,7 @@ class Block(nn.Module):
             x = x + self.obj_attn(self.ln_o(x), objs)                            # over this step's objects
         return x + self.mlp(self.ln_2(x))                                # position-wise MLP: e_{t,l} (B, T, D)
 
-# Object type of each of the 12 object channels in index form: the 4 walls share type 8, colours are 0..7.
-OBJ_TYPE = torch.tensor([8] * gw.N_WALLS + list(range(gw.N_COLOURS)))
+OBJ_TYPE = torch.tensor([8] * gw.N_WALLS + list(range(gw.N_COLOURS)))   # object type per channel: walls 8, colours 0..7
 N_OFFSETS = (2 * gw.GRID - 1) ** 2          # 13 x 13 possible (row, col) offsets between two cells
 
 class GPT(nn.Module):
@@ -569,8 +575,7 @@ class GPT(nn.Module):
             self.register_buffer("obj_type", OBJ_TYPE.clone(), persistent=False)
         else:
             self.obs_emb = nn.Linear(E.OBS_DIM, D)           # the ant's observation is already a feature vector
-        objects = obj_attn_blocks(args)                                          # blocks with object attention
-        self.blocks = nn.ModuleList([Block(args, l in objects) for l in range(1, args.n_layer + 1)])  # blocks 1..L
+        self.blocks = nn.ModuleList([Block(args, l in obj_attn_blocks(args)) for l in range(1, args.n_layer + 1)])  # 1..L
         self.ln_f = nn.LayerNorm(D)
         if args.task == "grid":
             self.action_head = nn.Linear(D, 4)                                   # logits of p(a_t | o_{1:t})
@@ -665,9 +670,8 @@ class GPT(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------
 # 5. Rollouts: the frozen model, optionally controlled, acting in the env
-# At step t the model sees o_{1:t} (the whole history, as in pretraining), a_t is sampled from p(a_t | o_{1:t})
-# and the env returns o_{t+1}. Each attention layer keeps the past keys and values (a KV cache), so a step
-# computes only the new token (a test checks this equals one full forward); n envs step side by side.
+# At step t the model sees o_{1:t}, a_t is sampled from p(a_t | o_{1:t}) and the env returns o_{t+1}; n envs step side
+# by side. Each attention layer keeps the past keys and values (a KV cache): a step computes only the new token.
 @torch.no_grad()
 def rollout(model: GPT, tasks: list, n: int, seed: int, device, ctrl_fn=None, ctrl_layer: int = -1,
             record: bool = False) -> dict:
@@ -756,8 +760,9 @@ def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
     groups = [{"params": decay}] + ([{"params": [model.log_std], "weight_decay": 0.0}] if args.task == "ant" else [])
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     rng, curve, n_params = data["train_rng"], [], sum(p.numel() for p in model.parameters())
-    draw = (lambda n: generate_episodes(rng, n, gw.PRETRAIN_TASKS, args.epsilon)) if args.task == "grid" else \
-        sample_from(rng, data["train"])                                         # grid: fresh, never reused
+    fresh = gw.ExpertPool(rng.integers(2 ** 62), gw.PRETRAIN_TASKS, args.epsilon, args.workers) if args.fast_expert \
+        else lambda n: generate_episodes(rng, n, gw.PRETRAIN_TASKS, args.epsilon)         # grid: fresh, never reused
+    draw = fresh if args.task == "grid" else sample_from(rng, data["train"])
     log("6 pretrain", f"{n_params / 1e6:.2f}M parameters, {args.pretrain_steps} steps of {args.batch_size} episodes "
         + ("(fresh)" if args.task == "grid" else f"(from {len(data['train'])} stored)"))
     stream = bucketed_batches(rng, draw, args.batch_size, args.bucket_batches, device)
@@ -789,6 +794,8 @@ def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
                                                  f"{m['opt_acc_ambiguous']:.3f} / pair-determined {m['opt_acc_pair']:.3f}")
             log("6 pretrain", f"eval step {step} | held-out nll {m['nll']:.3f}{fit} ({time.time() - te:.0f}s)", **curve[-1])
             t0, t_log = t0 + time.time() - te, t_log + time.time() - te             # evaluation is not training time
+            if 0 < 60 * args.pretrain_minutes < time.time() - t0:                  # --pretrain-minutes: stop here
+                break
     m = {{"nll": "heldout_nll", "acc": "heldout_acc"}.get(k, k): v for k, v in curve[-1].items() if k not in ("step", "minutes")}
     return {"model": model.state_dict(), "metrics": {"steps": step, "episodes": step * args.batch_size, **m,
             "train_time_s": time.time() - t0, "n_params": n_params, "curve": curve}}   # the last step is always evaluated
@@ -870,8 +877,7 @@ class SubgoalControllers(nn.Module):
 def train_controllers(args: Args, model: GPT, layer: int, episodes: list, device, log: Logger) -> SubgoalControllers:
     """Minimise sum_t -ln p(a_t | o_{1:t}, g_t) on D*; the base model is frozen, so gradients reach only A and B."""
     model.requires_grad_(False).eval()
-    G = env_module(args.task).N_SUBGOALS                                                  # one controller per subgoal
-    ctrl = SubgoalControllers(G, args.n_embd, args.ctrl_rank or args.n_embd).to(device)           # rank 0: full
+    ctrl = SubgoalControllers(env_module(args.task).N_SUBGOALS, args.n_embd, args.ctrl_rank or args.n_embd).to(device)
     opt = torch.optim.AdamW(ctrl.parameters(), lr=args.ctrl_lr, weight_decay=args.weight_decay)
     rng, t0 = np.random.default_rng(args.seed + 100 + layer), time.time()
     for step in range(1, args.ctrl_steps + 1):
@@ -1045,8 +1051,7 @@ class MetaController(nn.Module):
         self.encoder = nn.Sequential(nn.Linear(D + H + H, E), nn.ReLU(), nn.Linear(E, 2 * Z))  # Eq. 14
         self.switch = nn.Sequential(nn.Linear(D + H + Z, E), nn.ReLU(), nn.Linear(E, 1))       # Eq. 16
         self.decoder = nn.Sequential(nn.Linear(Z, H), nn.ReLU(), nn.Linear(H, 2 * D * r))      # Eq. 18
-        # LoRA-style start: the decoder's A half is exactly 0 (U = 0, the identity), its B half random (so U moves)
-        last = self.decoder[2]
+        last = self.decoder[2]         # LoRA-style start: its A half exactly 0 (U = 0), its B half random (so U moves)
         with torch.no_grad():
             last.weight[:D * r].zero_()
             last.bias[:D * r].zero_()

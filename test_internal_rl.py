@@ -258,6 +258,21 @@ def test_vectorised_expert_breaks_ties_uniformly_and_matches_the_reference_law()
     assert abs(lf.std() - lr.std()) < 0.1 * lr.std()
 
 
+def test_expert_pool_gives_the_same_stream_whatever_the_workers():
+    """ExpertPool's call i is the random stream (seed, i): 1 process and 2 worker processes hand out the same
+    episodes, in the same order, and each call's episodes are new; a call for another n is refused."""
+    def calls(workers):
+        pool = gw.ExpertPool(7, gw.PRETRAIN_TASKS, 0.1, workers=workers)
+        return pool, [pool(12) for _ in range(3)]
+    (_, one), (pool, two) = calls(1), calls(2)
+    key = lambda eps: [(ep["cells"].tolist(), ep["actions"].tolist()) for ep in eps]
+    assert [key(c) for c in one] == [key(c) for c in two]
+    assert key(one[0]) != key(one[1]) and all(len(c) == 12 and all(ep["success"] for ep in c) for c in one)
+    assert key(one[0]) == key(gw.expert_episodes(np.random.default_rng([7, 0]), 12, gw.PRETRAIN_TASKS, 0.1))
+    with pytest.raises(ValueError, match="the same n"):
+        pool(5)
+
+
 def test_bitmask_distance_maps_equal_the_reference_search():
     """_distance_maps (all layouts and colours at once) is distances_to, map by map, unreachable cells included."""
     rng = np.random.default_rng(3)
@@ -752,7 +767,7 @@ def test_editing_a_stage_retrains_it_and_what_builds_on_it(tmp_path):
         return sorted(k for k, v in status.items() if v == "trained")
 
     assert run(src, 0) == sorted(STAGE_CKPTS)
-    edits = [("    import matplotlib\n", "    import matplotlib            # a new comment\n"),      # figures
+    edits = [("    import matplotlib.pyplot as plt\n", "    import matplotlib.pyplot as plt      # a new comment\n"),  # figures
              ("        loss = loss_a + args.obs_coef * loss_o",
               "        # a comment in pretraining\n        loss = loss_a + args.obs_coef * loss_o"),
              ('    """Eq. 3 with lambda = 0 on a D* batch', '    """(a docstring edit) Eq. 3 with lambda = 0 on a D* batch')]
@@ -870,12 +885,43 @@ def test_ctrl_c_during_pretraining_says_what_is_kept_and_the_rerun_continues(tmp
     (["--obj-attn", "top"], "--obj-attn must be '', 'last' or layers in 1..4"),
     (["--task", "ant", "--obj-attn", "2"], "--obj-attn is for the grid"),
     (["--n-dstar", "100"], "--n-probe (4000) must be at most --n-dstar (100)"),
-    (["--preset", "huge"], "unknown --preset 'huge'; valid choices: default, quick"),
+    (["--preset", "huge"], "unknown --preset 'huge'; valid choices: default, quick, paper"),
+    (["--task", "ant", "--preset", "paper"], "unknown --preset 'paper'; valid choices: default, quick"),
+    (["--task", "ant", "--fast-expert"], "--fast-expert is for the grid"),
+    (["--workers", "3"], "--workers is for the ant; the grid draws fresh expert episodes every step (--workers: with"),
 ])
 def test_bad_input_exits_with_one_line(argv, needle):
     with pytest.raises(SystemExit) as e:
         ir.parse_args(argv)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_paper_preset_help_shows_the_papers_values_and_their_tables(capsys):
+    with pytest.raises(SystemExit):
+        ir.parse_args(["--task", "grid", "--preset", "paper", "--help"])
+    text = " ".join(capsys.readouterr().out.split())                    # argparse wraps the lines
+    for needle in ("(Table A4: 6) (default 6)", "(Table A4: 256) (default 256)", "(Table A16: 512 = 2 * 256) (default 2)",
+                   "(Table A4: 1024) (default 1024)", "(Table A4: 256,000) (default 256000)", "(Table A4: 3e-4 at batch "
+                   "1024) (default 0.0003)", "(Table A6: 8,000 at batch 512) (default 8000)", "(Table A7: 3200 at batch "
+                   "512) (default 3200)", "(Table A9: 64,000 at batch 512) (default 64000)", "(Table A9: 512) (default "
+                   "512)", "(Table A13: 1024) (default 1024)", "(Table A13: 3e-5) (default 3e-05)"):
+        assert needle in text, needle
+    args = ir.parse_args(["--task", "grid", "--preset", "paper"])
+    assert args.out == os.path.join("runs", "grid-seed0-paper") and args.fast_expert and args.obj_attn == "last"
+
+
+def test_paper_preset_runs_every_stage_on_the_cpu(tmp_path):
+    """--preset paper (6 blocks of width 256, the fast expert) through every stage, its budgets cut to a few steps;
+    --pretrain-minutes stops pretraining at the first evaluation past the limit."""
+    cut = dict(batch_size=8, bucket_batches=1, pretrain_steps=50, eval_every=2, pretrain_minutes=1e-9, n_heldout=8,
+               n_dstar=24, n_probe=24, probe_steps=3, ctrl_steps=2, ctrl_batch=4, ctrl_layers="mid", n_eval=4,
+               mc_steps=2, mc_batch=4, rl_episodes=8, rl_batch=4, rl_eval=4, workers=1, log_every=1000)
+    r = ir.main(["--task", "grid", "--preset", "paper", "--out", str(tmp_path / "run")]
+                + [x for k, v in cut.items() for x in ("--" + k.replace("_", "-"), str(v))])
+    assert r["args"]["n_layer"] == 6 and r["args"]["n_embd"] == 256 and r["pretrain"]["n_params"] > 3.5e6
+    assert r["pretrain"]["steps"] == 2 and [c["step"] for c in r["pretrain"]["curve"]] == [2]
+    assert len(r["probe_accuracy"]) == 7 and r["controller_success"][3] is not None
+    assert all(r[m]["episodes"] == 8 for m in ("token_rl", "internal_rl", "internal_rl_no_temporal"))
 
 
 def test_bad_task_from_the_command_line_has_no_traceback():
@@ -945,7 +991,12 @@ def test_ant_data_do_not_depend_on_the_number_of_workers(tmp_path, monkeypatch, 
 
 
 def test_ant_tiny_run_of_every_stage_and_reuse(tmp_path, monkeypatch, ant_env):
-    monkeypatch.setattr(ir.env_module("ant"), "MAX_STEPS", 40)   # short rollouts: an untrained ant rarely ends early
+    rollout = ir.rollout
+    def short_rollout(*a, **kw):                      # short rollouts: an untrained ant rarely ends early
+        with monkeypatch.context() as m:              # (the model keeps its 500-step capacity for the stored data)
+            m.setattr(ir.env_module("ant"), "MAX_STEPS", 40)
+            return rollout(*a, **kw)
+    monkeypatch.setattr(ir, "rollout", short_rollout)
     out = str(tmp_path / "ant")
     r = ir.main(ANT_TINY + ["--pretrain-steps", "3", "--out", out])
     assert r["task"] == "ant" and len(r["probe_accuracy"]) == 3 and r["controller_success"][1] is not None

@@ -432,21 +432,37 @@ def expert_episodes(rng: np.random.Generator, n: int, tasks, epsilon: float = 0.
     The same law as ``expert_episode`` (tests check it), not the same random stream: layouts uniform among the
     solvable ones, the expert's exact shortest paths (``distances_to``, here one bitmask search over all layouts
     at once), ties between optimal actions broken uniformly, the same epsilon noise. Returns the same dicts."""
-    picks = rng.integers(len(tasks), size=n)
-    out = [None] * n
+    return _split(n, _expert_chunks(rng, n, tasks, epsilon, max_steps))
+
+
+def _expert_chunks(rng: np.random.Generator, n: int, tasks, epsilon: float, max_steps: int) -> list:
+    """The lock-step expert's raw output for ``expert_episodes``: [(rows, arrays of _episodes_of)], where rows are
+    the indices of the chunk's episodes among the n."""
+    picks, chunks = rng.integers(len(tasks), size=n), []
     for length in sorted({len(t) for t in tasks}):          # tasks of one length step together, 1,024 at a time
         rows = [i for i in range(n) if len(tasks[picks[i]]) == length]
         for chunk in (rows[j:j + 1024] for j in range(0, len(rows), 1024)):
             task = np.array([tasks[picks[i]] for i in chunk], dtype=np.int64)              # (m, K)
-            for i, ep in zip(chunk, _episodes_of(rng, task, epsilon, max_steps)):
-                out[i] = ep
+            chunks.append((chunk, _episodes_of(rng, task, epsilon, max_steps)))
+    return chunks
+
+
+def _split(n: int, chunks: list) -> list:
+    """Raw chunks -> the n episode dicts of ``expert_episode`` (int64 views into one array per chunk and field)."""
+    out = [None] * n
+    for rows, a in chunks:
+        cells, actions, nexts = (a[k].astype(np.int64) for k in ("cells", "actions", "nexts"))
+        subgoals, optimal = nexts // 2, a["optimal"]
+        for j, (i, T, ok) in enumerate(zip(rows, a["length"].tolist(), a["success"].tolist())):
+            out[i] = {"cells": cells[j, :T + 1], "actions": actions[j, :T], "subgoals": subgoals[j, :T],
+                      "next_colour": nexts[j, :T], "optimal": optimal[j, :T], "success": ok}
     return out
 
 
 def _expert_job(job: tuple) -> list:
     """One job of an ExpertPool (run in a worker process): the episodes of the random stream (seed, index)."""
-    seed, index, n, tasks, epsilon = job
-    return expert_episodes(np.random.default_rng([seed, index]), n, tasks, epsilon)
+    seed, index, n, tasks, epsilon = job                   # the raw chunks: a few arrays, quick to send back
+    return n, _expert_chunks(np.random.default_rng([seed, index]), n, tasks, epsilon, MAX_STEPS)
 
 
 class ExpertPool:
@@ -468,13 +484,13 @@ class ExpertPool:
         job = lambda i: (self.seed, i, int(n), self.tasks, self.epsilon)
         self.calls += 1
         if self.pool is None:
-            return _expert_job(job(self.calls - 1))
+            return _split(*_expert_job(job(self.calls - 1)))
         if self.queued and self.queued[0][0] != n:
             raise ValueError(f"ExpertPool: every call asks for the same n; the queued jobs have {self.queued[0][0]}, "
                              f"this call asks for {n}")
         while len(self.queued) < self.ahead:                    # keep ``ahead`` jobs in flight, in call order
             self.queued.append((n, self.pool.apply_async(_expert_job, (job(self.calls - 1 + len(self.queued)),))))
-        return self.queued.pop(0)[1].get()
+        return _split(*self.queued.pop(0)[1].get())
 
 
 def _layouts(rng: np.random.Generator, task: np.ndarray) -> tuple:
@@ -529,7 +545,9 @@ def _distance_maps(kind: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def _episodes_of(rng: np.random.Generator, task: np.ndarray, epsilon: float, max_steps: int) -> list:
-    """The lock-step expert on the tasks ``task`` (m, K), one fresh layout each (see expert_episodes)."""
+    """The lock-step expert on the tasks ``task`` (m, K), one fresh layout each (see expert_episodes), as padded
+    int8 arrays (compact, for ExpertPool's workers to send): cells (m, S, 13), actions and target colours ``nexts``
+    (m, S - 1), optimal (m, S - 1, 4), length and success (m,)."""
     m, K, inf, ar = task.shape[0], task.shape[1], 10 ** 6, np.arange(task.shape[0])
     cells, kind, dist = _layouts(rng, task)
     agent, progress = cells[:, -1].copy(), np.zeros(m, dtype=np.int64)
@@ -561,11 +579,10 @@ def _episodes_of(rng: np.random.Generator, task: np.ndarray, epsilon: float, max
         progress += visit & (colour == target)
         success |= alive & (progress == K)
         alive &= ~success & ~(visit & (colour != target))
-    return [{"cells": np.concatenate([np.broadcast_to(cells[i, :-1], (length[i] + 1, N_WALLS + N_COLOURS)),
-                                      agents[i, :length[i] + 1, None]], 1),
-             "actions": actions[i, :length[i]], "subgoals": nexts[i, :length[i]] // 2,
-             "next_colour": nexts[i, :length[i]], "optimal": optimal[i, :length[i]], "success": bool(success[i])}
-            for i in range(m)]
+    S = int(length.max()) + 1                                # the longest episode's observations
+    cells = np.concatenate([np.broadcast_to(cells[:, None, :-1], (m, S, N_WALLS + N_COLOURS)), agents[:, :S, None]], 2)
+    return {"cells": cells.astype(np.int8), "actions": actions[:, :S - 1].astype(np.int8),       # (m, S, 13), (m, S - 1)
+            "nexts": nexts[:, :S - 1].astype(np.int8), "optimal": optimal[:, :S - 1], "length": length, "success": success}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ Table of contents: one section per step of the paper's pipeline, in the order a 
     13. main(): the stages in order
 
 Commands (a 2-core CPU is enough; --help lists every setting with the chosen task's and preset's defaults)
-    python internal_rl.py --task grid [--preset quick]     # every stage (quick: in minutes, a smoke run, a demo)
+    python internal_rl.py --task grid [--preset quick|paper]  # every stage (quick: minutes; paper: a GPU, Table A4)
     python internal_rl.py --task grid --stop-after probe   # or: pretrain, controllers, metacontroller, rl
     python internal_rl.py --task grid --sweep alpha        # Fig. 7's rate-distortion sweep (end of section 10)
     MUJOCO_GL=egl python internal_rl.py --task ant         # the MuJoCo ant
@@ -412,11 +412,11 @@ def generate_episodes(rng: np.random.Generator, n: int, tasks, epsilon: float) -
 def collate(episodes: list, device) -> dict:
     """Pad episodes into a batch; ``mask`` (B, T) marks the real steps. The input at step t is o_t, the targets
     a_t and o_{t+1}; padded steps keep obs = 0 (on the grid a valid index) and every loss skips them."""
-    T, grid = max(len(ep["actions"]) for ep in episodes), "cells" in episodes[0]
+    lengths, grid = np.array([len(ep["actions"]) for ep in episodes]), "cells" in episodes[0]
+    real = np.arange(lengths.max())[None, :] < lengths[:, None]                 # (B, T) the real steps
     def pad(arrays, fill, dtype):                        # B arrays (n_i, ...) -> (B, T, ...), padded with ``fill``
-        out = np.full((len(arrays), T) + arrays[0].shape[1:], fill, dtype=dtype)
-        for i, a in enumerate(arrays):
-            out[i, :len(a)] = a
+        out = np.full(real.shape + arrays[0].shape[1:], fill, dtype=dtype)
+        out[real] = np.concatenate(arrays)                # episode after episode, as ``real`` is laid out
         return torch.from_numpy(out).to(device)
     o = [ep["cells"] if grid else ep["obs"] for ep in episodes]                 # o_1..o_{T+1} per episode
     f, num = (-1, np.int64) if grid else (0, np.float32)
@@ -424,7 +424,7 @@ def collate(episodes: list, device) -> dict:
          "actions": pad([ep["actions"] for ep in episodes], f, num),           # (B, T) or (B, T, 8)
          "next_obs": pad([x[1:, -1] if grid else x[1:] for x in o], f, num),   # agent cell (B, T), or (B, T, 41)
          "subgoals": pad([ep["subgoals"] for ep in episodes], -1, np.int64),   # (B, T) g_t
-         "mask": pad([np.ones(len(ep["actions"]), bool) for ep in episodes], False, bool)}
+         "mask": torch.from_numpy(real).to(device)}
     if grid:                                                                     # (B, T), (B, T, 4): diagnostics
         b.update(next_colour=pad([ep["next_colour"] for ep in episodes], -1, np.int64),
                  optimal=pad([ep["optimal"] for ep in episodes], False, bool))

@@ -532,6 +532,21 @@ def test_controller_is_low_rank_and_matches_explicit_matrix():
         assert torch.allclose(out[g == k], ref[g == k], atol=1e-5)
 
 
+def test_collate_puts_each_episode_in_its_row_and_pads_the_rest():
+    """Row i of every field is episode i's steps, then the padding value; mask marks exactly the real steps."""
+    eps = ir.generate_episodes(np.random.default_rng(4), 7, gw.PRETRAIN_TASKS, 0.1)
+    b, T = ir.collate(eps, "cpu"), max(len(ep["actions"]) for ep in eps)
+    fill = {"obs": 0, "actions": -1, "next_obs": -1, "subgoals": -1, "next_colour": -1, "optimal": False}
+    for i, ep in enumerate(eps):
+        n = len(ep["actions"])
+        want = {"obs": ep["cells"][:-1], "actions": ep["actions"], "next_obs": ep["cells"][1:, -1],
+                "subgoals": ep["subgoals"], "next_colour": ep["next_colour"], "optimal": ep["optimal"]}
+        for k, v in want.items():
+            assert b[k].shape[:2] == (7, T) and np.array_equal(b[k][i, :n].numpy(), v), k
+            assert (b[k][i, n:] == fill[k]).all(), k
+        assert b["mask"][i].tolist() == [True] * n + [False] * (T - n)
+
+
 def test_relative_buckets_are_monotone_and_bounded():
     b = ir.relative_buckets(101, 32)
     d = b[100]                                       # distances 100..0 from the last query

@@ -374,8 +374,7 @@ def load_ckpt(path: str, fp: str, log=None, tag: str = ""):
 def run_stage(args: Args, name: str, parent_sum: str, log: Logger, train) -> tuple:
     """(checkpoint, status): <out>/<name>.pt and "reused" if its fingerprint matches, else ``train()``'s, saved."""
     path, fp, tag = os.path.join(args.out, name + ".pt"), fingerprint(args, name, parent_sum), f"{CHECKPOINTS[name][0]} {name}"
-    ck = load_ckpt(path, fp, log, tag)
-    if ck is not None:
+    if (ck := load_ckpt(path, fp, log, tag)) is not None:
         log(tag, f"reusing {path}")
         return ck, "reused"
     ck = {**train(), "fingerprint": fp}
@@ -915,7 +914,8 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
             f"{eta(t0, i + 1, len(layers))}", layer=l, pretrain=pre[l], posttrain=post[l])
     metrics = {"base_success": base_post["success"], "base_success_pretrain": base_pre["success"],
                "controller_success": [post.get(l) for l in range(args.n_layer + 1)],      # None: not trained
-               "controller_success_pretrain": [pre.get(l) for l in range(args.n_layer + 1)]}
+               "controller_success_pretrain": [pre.get(l) for l in range(args.n_layer + 1)],
+               "controller_success_oracle": None, "controller_success_oracle_pretrain": None}   # the diagnostic below
     # A diagnostic (grid; not the paper's protocol, which trains on D* only): controllers at L/2 trained on D* plus as
     # many post-training expert episodes. If these steer the novel order where the D* ones do not, a linear edit at
     # L/2 *can* steer there; what fails is the transfer from D*, which never shows a subgoal the history rules out.
@@ -1429,7 +1429,7 @@ def make_figures(args: Args, results: dict) -> list:
                                   ("controller_success", "post-training task", "C3")):
                 xs = [l for l in range(L1) if r[key][l] is not None]
                 ax[0].plot(xs, [r[key][l] for l in xs], "o-", color=c, label=f"controllers, {label}")
-            if "controller_success_oracle" in r:                       # section 8's diagnostic (not the protocol)
+            if r.get("controller_success_oracle") is not None:         # section 8's diagnostic (not the protocol)
                 ax[0].plot([L1 // 2], [r["controller_success_oracle"]], "*", ms=10, color="C3",
                            label="trained with post-training episodes (diagnostic)")
             ax[0].axhline(r["base_success_pretrain"], ls="--", color="C0", alpha=0.6, label="base alone, pretraining")

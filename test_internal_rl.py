@@ -2,6 +2,7 @@
 
 Run with ``python -m pytest -q test_internal_rl.py`` (about a minute on an idle 2-core CPU)."""
 import copy
+import dataclasses
 import glob
 import importlib.util
 import itertools
@@ -602,6 +603,17 @@ def test_controllers_and_the_metacontroller_beat_the_base_models_heldout_nll(pre
     assert ir.switch_alignment(model, mc, held, args.n_layer // 2, "cpu")["nll"] < base - 0.004   # -0.007
 
 
+def test_results_have_the_same_keys_with_the_diagnostic_off(tmp_path):
+    """--no-ctrl-oracle (the quick preset's setting) writes the diagnostic's keys as None, so a quick run's
+    results.json has the default run's keys."""
+    args = tiny_args(out=str(tmp_path), ctrl_layers="mid", ctrl_steps=2, n_eval=4)
+    data, model = ir.make_datasets(args), ir.GPT(args).eval()
+    on, off = (ir.controller_stage(dataclasses.replace(args, ctrl_oracle=o), model, data, "cpu", ir.Logger(args.out))
+               for o in (True, False))
+    assert set(on["metrics"]) == set(off["metrics"]) and off["metrics"]["controller_success_oracle"] is None
+    assert 0 <= on["metrics"]["controller_success_oracle"] <= 1 and not ir.PRESETS["grid"]["quick"]["ctrl_oracle"]
+
+
 def test_controller_training_touches_only_the_controller(tmp_path):
     args = tiny_args(out=str(tmp_path))
     torch.manual_seed(0)
@@ -1015,7 +1027,7 @@ def test_ant_tiny_run_of_every_stage_and_reuse(tmp_path, monkeypatch, ant_env):
     out = str(tmp_path / "ant")
     r = ir.main(ANT_TINY + ["--pretrain-steps", "3", "--out", out])
     assert r["task"] == "ant" and len(r["probe_accuracy"]) == 3 and r["controller_success"][1] is not None
-    assert "controller_success_oracle" not in r                     # a grid-only diagnostic
+    assert r["controller_success_oracle"] is None                   # a grid-only diagnostic
     assert math.isfinite(r["pretrain"]["heldout_nll"]) and "heldout_acc" not in r["pretrain"] and os.path.exists(os.path.join(out, "data.pt"))
     assert 0 <= r["expert_success_posttrain"] <= 1 and 0 < r["expert_success_pretrain"] <= 1
     assert 0 <= r["switch_f1"] <= 1 and r["internal_rl"]["episodes"] == r["token_rl"]["episodes"] == 4

@@ -15,6 +15,7 @@ everything.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import weakref
 
 import numpy as np
@@ -477,7 +478,8 @@ class ExpertPool:
         self.seed, self.tasks, self.epsilon, self.calls, self.queued = int(seed), tuple(tasks), float(epsilon), 0, []
         self.ahead, self.pool = max(1, ahead * workers), None
         if workers > 1:                          # spawned, not forked: safe beside CUDA and torch's threads
-            self.pool = multiprocessing.get_context("spawn").Pool(workers)
+            ignore_ctrl_c = (signal.SIGINT, signal.SIG_IGN)     # each worker's initialiser: Ctrl-C is the run's
+            self.pool = multiprocessing.get_context("spawn").Pool(workers, signal.signal, ignore_ctrl_c)
             weakref.finalize(self, self.pool.terminate)          # the workers stop with this object
 
     def __call__(self, n: int) -> list:

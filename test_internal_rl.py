@@ -15,6 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -272,6 +273,11 @@ def test_expert_pool_gives_the_same_stream_whatever_the_workers():
     assert key(one[0]) == key(gw.expert_episodes(np.random.default_rng([7, 0]), 12, gw.PRETRAIN_TASKS, 0.1))
     with pytest.raises(ValueError, match="the same n"):
         pool(5)
+    pids = sorted(w.pid for w in pool.pool._pool)
+    for pid in pids:                                 # Ctrl-C reaches the workers too: they leave it to the run
+        os.kill(pid, signal.SIGINT)
+    time.sleep(1.0)                                  # (a worker that died of it would have been replaced by now)
+    assert sorted(w.pid for w in pool.pool._pool if w.is_alive()) == pids and len(pool(12)) == 12
 
 
 def test_bitmask_distance_maps_equal_the_reference_search():

@@ -460,8 +460,8 @@ def _split(n: int, chunks: list) -> list:
     return out
 
 
-def _expert_job(job: tuple) -> list:
-    """One job of an ExpertPool (run in a worker process): the episodes of the random stream (seed, index)."""
+def _expert_job(job: tuple) -> tuple:
+    """One job of an ExpertPool (run in a worker process): (n, the raw chunks of the random stream (seed, index))."""
     seed, index, n, tasks, epsilon = job                   # the raw chunks: a few arrays, quick to send back
     return n, _expert_chunks(np.random.default_rng([seed, index]), n, tasks, epsilon, MAX_STEPS)
 
@@ -546,7 +546,7 @@ def _distance_maps(kind: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.where(count > 0, len(layers) - count, 10 ** 6)                               # (k, 8, 49)
 
 
-def _episodes_of(rng: np.random.Generator, task: np.ndarray, epsilon: float, max_steps: int) -> list:
+def _episodes_of(rng: np.random.Generator, task: np.ndarray, epsilon: float, max_steps: int) -> dict:
     """The lock-step expert on the tasks ``task`` (m, K), one fresh layout each (see expert_episodes), as padded
     int8 arrays (compact, for ExpertPool's workers to send): cells (m, S, 13), actions and target colours ``nexts``
     (m, S - 1), optimal (m, S - 1, 4), length and success (m,)."""

@@ -216,28 +216,25 @@ def parse_args(argv=None) -> Args:
     for bad, msg in checks:                                          # the first broken rule stops the run
         if bad:
             die(msg)
-    try:
-        ctrl_layers(args)                                            # each raises a ValueError naming its flag
-        obj_attn_blocks(args)
-    except ValueError as e:
-        die(str(e))
+    ctrl_layers(args)                                                # each stops the run, naming its flag
+    obj_attn_blocks(args)
     suffix = "" if args.preset == "default" else f"-{args.preset}"          # runs/grid-seed0, runs/grid-seed0-quick
     args.out = args.out or os.path.join("runs", f"{args.task}-seed{args.seed}{suffix}")
     return args
 
 def layer_list(text: str, named: dict, lo: int, hi: int, flag: str) -> list:
-    """'3,4' -> [3, 4], or a named choice; every layer in lo..hi, else a ValueError naming the flag."""
+    """'3,4' -> [3, 4], or a named choice; every layer in lo..hi, else stop with one line naming the flag."""
     try:
         layers = named[text] if text in named else [int(s) for s in text.split(",")]
     except ValueError:
         layers = [lo - 1]                                            # not a number: reported as out of range
     if any(not lo <= l <= hi for l in layers):
-        raise ValueError(f"{flag} must be {', '.join(repr(k) for k in named)} or layers in {lo}..{hi}, got {text!r}")
+        die(f"{flag} must be {', '.join(repr(k) for k in named)} or layers in {lo}..{hi}, got {text!r}")
     return layers
 
 def obj_attn_blocks(args: Args) -> list:
     if args.obj_attn and args.task != "grid":
-        raise ValueError("--obj-attn is for the grid (the ant's observation has no objects)")
+        die("--obj-attn is for the grid (the ant's observation has no objects)")
     return layer_list(args.obj_attn, {"": [], "last": [args.n_layer]}, 1, args.n_layer, "--obj-attn")
 
 def ctrl_layers(args: Args) -> list:
@@ -531,8 +528,7 @@ class ObjectAttention(nn.Module):
     """Each step's token attends over that step's objects (keys = values = their embeddings); see above."""
     def __init__(self, args: Args):
         super().__init__()
-        self.n_head = args.n_head
-        self.q, self.proj = nn.Linear(args.n_embd, args.n_embd), nn.Linear(args.n_embd, args.n_embd)
+        self.n_head, self.q, self.proj = args.n_head, nn.Linear(args.n_embd, args.n_embd), nn.Linear(args.n_embd, args.n_embd)
 
     def forward(self, x, objs):
         B, T, O, D = objs.shape                                                  # objs (B, T, 12, D)
@@ -546,8 +542,7 @@ class Block(nn.Module):
     def __init__(self, args: Args, objects: bool = False):
         super().__init__()
         D = args.n_embd
-        self.ln_1, self.attn = nn.LayerNorm(D), CausalSelfAttention(args)
-        self.ln_2 = nn.LayerNorm(D)
+        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(D), CausalSelfAttention(args), nn.LayerNorm(D)
         self.mlp = nn.Sequential(nn.Linear(D, args.mlp_mult * D), nn.ReLU(), nn.Linear(args.mlp_mult * D, D))
         self.ln_o, self.obj_attn = (nn.LayerNorm(D), ObjectAttention(args)) if objects else (None, None)
 
@@ -739,10 +734,8 @@ def action_metrics(model: GPT, episodes: list, device) -> dict:
             hit[parity][0] += int(opt[mm].sum())
             hit[parity][1] += int(mm.sum())
     model.train()
-    if model.task == "ant":
-        return {"nll": nll / n}
-    return {"nll": nll / n, "acc": acc / n, "opt_acc_ambiguous": hit[0][0] / max(hit[0][1], 1),
-            "opt_acc_pair": hit[1][0] / max(hit[1][1], 1)}
+    return {"nll": nll / n} if model.task == "ant" else {"nll": nll / n, "acc": acc / n,
+            "opt_acc_ambiguous": hit[0][0] / max(hit[0][1], 1), "opt_acc_pair": hit[1][0] / max(hit[1][1], 1)}
 
 def lr_factor(step: int, args: Args) -> float:
     """Linear warm-up, constant (as Table A4), then a linear cool-down to 0 over the last ``cooldown`` fraction."""
@@ -1053,8 +1046,7 @@ class MetaController(nn.Module):
         self.decoder = nn.Sequential(nn.Linear(Z, H), nn.ReLU(), nn.Linear(H, 2 * D * r))      # Eq. 18
         last = self.decoder[2]         # LoRA-style start: its A half exactly 0 (U = 0), its B half random (so U moves)
         with torch.no_grad():
-            last.weight[:D * r].zero_()
-            last.bias[:D * r].zero_()
+            last.weight[:D * r], last.bias[:D * r] = 0.0, 0.0
             last.weight[D * r:].normal_(0, 0.02)
             last.bias[D * r:].normal_(0, 1 / math.sqrt(D))
 
@@ -1304,7 +1296,7 @@ class InternalAgent:
         self.z = torch.zeros(n, policy.mu.out_features, device=dev)           # z_{t-1}
         self.h_pi = torch.zeros(1, n, policy.gru.hidden_size, device=dev)     # the policy's own state
         self.gen = torch.Generator(device=dev).manual_seed(seed)
-        self.decide, self.e, self.zs = [], [], []                               # per step, for the update
+        self.trace = []                                 # per step (decide, e_t, proposed z), for the update
 
     @torch.no_grad()
     def __call__(self, x, g=None):
@@ -1318,17 +1310,15 @@ class InternalAgent:
         z_new = mu + self.pi.log_std.exp() * torch.randn(mu.shape, generator=self.gen, device=e.device)  # ALGO LOGIC: z ~ pi
         self.z = torch.where(decide[:, None], z_new, self.z)                          # new code only on a switch
         self.h_pi = torch.where(decide[None, :, None], h_pi, self.h_pi)               # the policy advances only then
-        self.decide.append(decide)
-        self.e.append(e)
-        self.zs.append(z_new)
+        self.trace.append((decide, e, z_new))
         _, h = self.mc.history(e[:, None], self.h[None])                               # h_t = GRU(e_t, h_{t-1})
         self.h, self.t = h[0], self.t + 1
         return self.mc.apply(self.z[:, None], x)                                        # U_t e_t (n, 1, D)
 
     def decisions(self, lengths):
         """Compact each episode's decision points into (n, N) sequences: e_dec, z_dec, mask."""
-        dec = torch.stack(self.decide, 1) & (step_mask(lengths, len(self.decide)) > 0)  # (n, T) real steps only
-        e, z = torch.stack(self.e, 1), torch.stack(self.zs, 1)                           # (n, T, D), (n, T, Z)
+        dec, e, z = (torch.stack(x, 1) for x in zip(*self.trace))                       # (n, T), (n, T, D), (n, T, Z)
+        dec = dec & (step_mask(lengths, dec.shape[1]) > 0)                                # real steps only
         pad = lambda xs: nn.utils.rnn.pad_sequence(xs, batch_first=True)                  # ragged -> (n, N, ...)
         return (pad([e[i, dec[i]] for i in range(len(e))]), pad([z[i, dec[i]] for i in range(len(z))]),
                 pad([torch.ones(int(d.sum()), device=e.device) for d in dec]))

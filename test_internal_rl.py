@@ -1182,7 +1182,7 @@ def test_rollout_switches_match_the_trained_switching_unit(mc_setup):
     agent = ir.InternalAgent(mc2, pi, e.shape[0], seed=0, forced=False)
     for t in range(e.shape[1]):
         agent(e[:, t:t + 1])
-    decide = torch.stack(agent.decide, 1)                                    # (B, T)
+    decide = torch.stack([d for d, _, _ in agent.trace], 1)                  # (B, T)
     real = ir.step_mask(lengths, e.shape[1]).bool() & ((beta - 0.5).abs() > 1e-4)
     real[:, 0] = False                                                       # (t = 1 always switches in both)
     assert torch.equal(decide[real], (beta >= 0.5)[real])
@@ -1205,7 +1205,7 @@ def test_internal_rl_update_makes_rewarded_codes_likelier_and_touches_only_the_p
 
     def planted(*a, ctrl_fn=None, **kw):
         r = real(*a, ctrl_fn=ctrl_fn, **kw)
-        r["rewards"] = (ctrl_fn.zs[0][:, 0] > 0).float()                     # the codes of the first decision
+        r["rewards"] = (ctrl_fn.trace[0][2][:, 0] > 0).float()                # the codes of the first decision
         return r
     monkeypatch.setattr(ir, "rollout", planted)
     a = ir.Args(**{**args.__dict__, "rl_episodes": 64, "rl_batch": 64, "rl_eval": 8, "irl_lr": 0.03})   # one batch
@@ -1290,7 +1290,7 @@ def test_switching_unit_and_policy_are_causal(mc_setup):
     for x in (xs, xs2):
         agent = ir.InternalAgent(mc, pi, 4, seed=0, forced=False)
         outs = [agent(x[:, t:t + 1]) for t in range(12)]
-        runs.append((torch.stack(agent.decide, 1), torch.cat(outs, 1), agent))
+        runs.append((torch.stack([d for d, _, _ in agent.trace], 1), torch.cat(outs, 1), agent))
     assert torch.equal(runs[0][0][:, :7], runs[1][0][:, :7])               # same switches up to step 6
     assert torch.equal(runs[0][1][:, :7], runs[1][1][:, :7])               # same controllers up to step 6
     e_dec, z_dec, mask = runs[0][2].decisions(torch.full((4,), 12))

@@ -460,39 +460,40 @@ def _split(n: int, chunks: list) -> list:
     return out
 
 
-def _expert_job(job: tuple) -> tuple:
-    """One job of an ExpertPool (run in a worker process): (n, the raw chunks of the random stream (seed, index))."""
-    seed, index, n, tasks, epsilon = job                   # the raw chunks: a few arrays, quick to send back
-    return n, _expert_chunks(np.random.default_rng([seed, index]), n, tasks, epsilon, MAX_STEPS)
+def _expert_job(job: tuple):
+    """One job of an ExpertPool (run in a worker process) from the random stream (seed, index): the raw chunks of n
+    episodes, quick to send back, or ``prepare(episodes, rng)`` with that rng continued."""
+    seed, index, n, tasks, epsilon, prepare = job
+    rng = np.random.default_rng([seed, index])
+    chunks = _expert_chunks(rng, n, tasks, epsilon, MAX_STEPS)
+    return chunks if prepare is None else prepare(_split(n, chunks), rng)
 
 
 class ExpertPool:
-    """``pool(n)``: ``n`` fresh expert episodes from ``expert_episodes``, made ahead of use by ``workers``
+    """``pool()``: ``n`` fresh expert episodes from ``expert_episodes``, made ahead of use by ``workers``
     processes (``workers`` <= 1: in this process, when asked), so that pretraining at the paper's batch of 1,024
-    episodes does not wait for its data.
+    episodes does not wait for its data. With ``prepare`` (a top-level function, so that workers can receive it),
+    ``pool()`` returns ``prepare(episodes, rng)`` instead, computed in the worker (internal_rl: the padded batches).
 
-    Call i returns the episodes of the random stream ``(seed, i)`` whatever ``workers`` is: the data do not depend
-    on the machine. Every call asks for the same ``n`` (the jobs queued ahead were made for it)."""
+    Call i uses the random stream ``(seed, i)`` whatever ``workers`` is: the data do not depend on the machine."""
 
-    def __init__(self, seed: int, tasks, epsilon: float = 0.0, workers: int = 1, ahead: int = 2):
-        self.seed, self.tasks, self.epsilon, self.calls, self.queued = int(seed), tuple(tasks), float(epsilon), 0, []
-        self.ahead, self.pool = max(1, ahead * workers), None
+    def __init__(self, seed: int, n: int, tasks, epsilon: float = 0.0, workers: int = 1, prepare=None, ahead: int = 2):
+        self.n, self.prepare, self.calls, self.queued, self.ahead, self.pool = int(n), prepare, 0, [], ahead * workers, None
+        self.job = lambda i: (int(seed), i, self.n, tuple(tasks), float(epsilon), prepare)   # call i's job
         if workers > 1:                          # spawned, not forked: safe beside CUDA and torch's threads
             ignore_ctrl_c = (signal.SIGINT, signal.SIG_IGN)     # each worker's initialiser: Ctrl-C is the run's
             self.pool = multiprocessing.get_context("spawn").Pool(workers, signal.signal, ignore_ctrl_c)
             weakref.finalize(self, self.pool.terminate)          # the workers stop with this object
 
-    def __call__(self, n: int) -> list:
-        job = lambda i: (self.seed, i, int(n), self.tasks, self.epsilon)
+    def __call__(self):
         self.calls += 1
         if self.pool is None:
-            return _split(*_expert_job(job(self.calls - 1)))
-        if self.queued and self.queued[0][0] != n:
-            raise ValueError(f"ExpertPool: every call asks for the same n; the queued jobs have {self.queued[0][0]}, "
-                             f"this call asks for {n}")
-        while len(self.queued) < self.ahead:                    # keep ``ahead`` jobs in flight, in call order
-            self.queued.append((n, self.pool.apply_async(_expert_job, (job(self.calls - 1 + len(self.queued)),))))
-        return _split(*self.queued.pop(0)[1].get())
+            out = _expert_job(self.job(self.calls - 1))
+        else:
+            while len(self.queued) < self.ahead:                # keep ``ahead`` jobs in flight, in call order
+                self.queued.append(self.pool.apply_async(_expert_job, (self.job(self.calls - 1 + len(self.queued)),)))
+            out = self.queued.pop(0).get()
+        return _split(self.n, out) if self.prepare is None else out
 
 
 def _layouts(rng: np.random.Generator, task: np.ndarray) -> tuple:

@@ -90,7 +90,7 @@ class Args:
     n_train: int = arg(0, "ant: episodes of the stored set D, reused every epoch (the grid draws fresh ones)")
     action_noise: float = arg(0.0, "ant: std of Gaussian noise on the expert's actions in D (D* has none)")
     workers: int = arg(2, "processes that make expert episodes: the ant's stored sets, the grid's with --fast-expert")
-    fast_expert: bool = arg(False, "grid: pretraining batches from gridworld.ExpertPool (vectorised, --workers processes)")
+    fast_expert: bool = arg(False, "grid: pretraining batches made and bucketed by gridworld.ExpertPool's --workers processes")
     expert_eval: int = arg(200, "ant: post-training episodes that measure the expert (RL is normalised by it)")
     # -- base model (section 4) --
     n_layer: int = arg(4, "transformer blocks L (Table A4: 6)")
@@ -405,38 +405,44 @@ def generate_episodes(rng: np.random.Generator, n: int, tasks, epsilon: float) -
     """n expert episodes, each on a task drawn uniformly from ``tasks``."""
     return [gw.expert_episode(rng, tasks[int(rng.integers(len(tasks)))], epsilon) for _ in range(n)]
 
-def collate(episodes: list, device) -> dict:
-    """Pad episodes into a batch; ``mask`` (B, T) marks the real steps. The input at step t is o_t, the targets
-    a_t and o_{t+1}; padded steps keep obs = 0 (on the grid a valid index) and every loss skips them."""
+def collate(episodes: list, device=None) -> dict:
+    """Pad episodes into a batch (numpy, or tensors on ``device``); ``mask`` (B, T) marks the real steps. The input
+    at step t is o_t, the targets a_t and o_{t+1}; padded steps keep obs = 0 (on the grid a valid index) and every
+    loss skips them. The grid's indices travel as int8 (8x less to send and copy) and become int64 on ``device``."""
     lengths, grid = np.array([len(ep["actions"]) for ep in episodes]), "cells" in episodes[0]
     real = np.arange(lengths.max())[None, :] < lengths[:, None]                 # (B, T) the real steps
     def pad(arrays, fill, dtype):                        # B arrays (n_i, ...) -> (B, T, ...), padded with ``fill``
         out = np.full(real.shape + arrays[0].shape[1:], fill, dtype=dtype)
         out[real] = np.concatenate(arrays)                # episode after episode, as ``real`` is laid out
-        return torch.from_numpy(out).to(device)
+        return out
     o = [ep["cells"] if grid else ep["obs"] for ep in episodes]                 # o_1..o_{T+1} per episode
-    f, num = (-1, np.int64) if grid else (0, np.float32)
+    f, num = (-1, np.int8) if grid else (0, np.float32)
     b = {"obs": pad([x[:-1] for x in o], 0, num),                              # (B, T, 13) or (B, T, 41)
          "actions": pad([ep["actions"] for ep in episodes], f, num),           # (B, T) or (B, T, 8)
          "next_obs": pad([x[1:, -1] if grid else x[1:] for x in o], f, num),   # agent cell (B, T), or (B, T, 41)
-         "subgoals": pad([ep["subgoals"] for ep in episodes], -1, np.int64),   # (B, T) g_t
-         "mask": torch.from_numpy(real).to(device)}
+         "subgoals": pad([ep["subgoals"] for ep in episodes], -1, np.int8), "mask": real}     # (B, T) g_t, (B, T)
     if grid:                                                                     # (B, T), (B, T, 4): diagnostics
-        b.update(next_colour=pad([ep["next_colour"] for ep in episodes], -1, np.int64),
+        b.update(next_colour=pad([ep["next_colour"] for ep in episodes], -1, np.int8),
                  optimal=pad([ep["optimal"] for ep in episodes], False, bool))
-    return b
+    return b if device is None else on_device(b, device)
 
-def bucketed_batches(rng: np.random.Generator, draw, size: int, n_bucket: int, device):
-    """Endless stream of batches of ``size`` episodes; ``draw(n)`` returns n episodes. ``n_bucket`` batches'
-    worth are drawn at once, sorted by length and cut into batches (so most padding disappears), then shuffled."""
+def on_device(b: dict, device) -> dict:
+    """A collated batch as tensors on ``device``; int8 indices become int64 there."""
+    to = lambda v: torch.from_numpy(v).to(device)
+    return {k: to(v).long() if v.dtype == np.int8 else to(v) for k, v in b.items()}
+
+def buckets(episodes: list, rng: np.random.Generator, size: int) -> list:
+    """Episodes sorted by length, cut into collated batches of ``size`` (little padding), in random order."""
+    eps = sorted(episodes, key=lambda ep: len(ep["actions"]))
+    return [collate(eps[i:i + size]) for i in size * rng.permutation(-(-len(eps) // size))]
+
+def bucketed_batches(make, device):
+    """Endless stream of batches on ``device``; ``make()`` returns a list of them from ``buckets``."""
     while True:
-        eps = sorted(draw(size * n_bucket), key=lambda ep: len(ep["actions"]))
-        chunks = [eps[i:i + size] for i in range(0, len(eps), size)]
-        for j in rng.permutation(len(chunks)):
-            yield collate(chunks[j], device)
+        yield from (on_device(b, device) for b in make())
 
 def sample_from(rng: np.random.Generator, episodes: list):
-    """A ``draw`` for bucketed_batches: episodes of a stored set (e.g. D*), with replacement."""
+    """A ``draw(n)``: n episodes of a stored set (e.g. D*), with replacement."""
     return lambda n: [episodes[i] for i in rng.integers(len(episodes), size=n)]
 
 def batches_of(episodes: list, size: int, device):
@@ -752,12 +758,16 @@ def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
     groups = [{"params": decay}] + ([{"params": [model.log_std], "weight_decay": 0.0}] if args.task == "ant" else [])
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     rng, curve, n_params = data["train_rng"], [], sum(p.numel() for p in model.parameters())
-    fresh = gw.ExpertPool(rng.integers(2 ** 62), gw.PRETRAIN_TASKS, args.epsilon, args.workers) if args.fast_expert \
-        else lambda n: generate_episodes(rng, n, gw.PRETRAIN_TASKS, args.epsilon)         # grid: fresh, never reused
-    draw = fresh if args.task == "grid" else sample_from(rng, data["train"])
+    draw = (lambda n: generate_episodes(rng, n, gw.PRETRAIN_TASKS, args.epsilon)) if args.task == "grid" \
+        else sample_from(rng, data["train"])                                              # grid: fresh, never reused
+    n, size = args.batch_size * args.bucket_batches, args.batch_size                     # n episodes bucketed at once
+    make = lambda: buckets(draw(n), rng, size)
+    if args.fast_expert:                       # the same made ahead of use, bucketed too, by the pool's processes
+        make = gw.ExpertPool(rng.integers(2 ** 62), n, gw.PRETRAIN_TASKS, args.epsilon, args.workers,
+                             functools.partial(buckets, size=size))
     log("6 pretrain", f"{n_params / 1e6:.2f}M parameters, {args.pretrain_steps} steps of {args.batch_size} episodes "
         + ("(fresh)" if args.task == "grid" else f"(from {len(data['train'])} stored)"))
-    stream = bucketed_batches(rng, draw, args.batch_size, args.bucket_batches, device)
+    stream = bucketed_batches(make, device)
     t0, tokens, t_log = time.time(), 0, time.time()          # both shifted by evaluation pauses (below)
     for step in range(1, args.pretrain_steps + 1):
         b = next(stream)
@@ -1162,7 +1172,7 @@ def train_metacontroller(args: Args, model: GPT, episodes: list, device, log: Lo
     opt = torch.optim.AdamW(params, lr=args.mc_lr, weight_decay=args.weight_decay)
     rng = np.random.default_rng(seed + (300 if forced else 200))
     draw = (lambda n: generate_episodes(rng, n, gw.PRETRAIN_TASKS, 0.0)) if joint else sample_from(rng, episodes)
-    stream = bucketed_batches(rng, draw, args.mc_batch, args.bucket_batches, device)
+    stream = bucketed_batches(lambda: buckets(draw(args.mc_batch * args.bucket_batches), rng, args.mc_batch), device)
     tag, t0 = "10 metacontroller" + ("-forced" if forced else "-cotrained" if joint else ""), time.time()
     for step in range(1, steps + 1):
         b = next(stream)

@@ -3,6 +3,7 @@
 Run with ``python -m pytest -q test_internal_rl.py`` (about a minute on an idle 2-core CPU)."""
 import copy
 import dataclasses
+import functools
 import glob
 import importlib.util
 import itertools
@@ -262,22 +263,27 @@ def test_vectorised_expert_breaks_ties_uniformly_and_matches_the_reference_law()
 
 def test_expert_pool_gives_the_same_stream_whatever_the_workers():
     """ExpertPool's call i is the random stream (seed, i): 1 process and 2 worker processes hand out the same
-    episodes, in the same order, and each call's episodes are new; a call for another n is refused."""
-    def calls(workers):
-        pool = gw.ExpertPool(7, gw.PRETRAIN_TASKS, 0.1, workers=workers)
-        return pool, [pool(12) for _ in range(3)]
+    episodes, in the same order, and each call's episodes are new; with ``prepare`` (internal_rl's bucketing) the
+    workers return its result on those episodes, with the stream's rng continued."""
+    def calls(workers, prepare=None):
+        pool = gw.ExpertPool(7, 12, gw.PRETRAIN_TASKS, 0.1, workers=workers, prepare=prepare)
+        return pool, [pool() for _ in range(3)]
     (_, one), (pool, two) = calls(1), calls(2)
     key = lambda eps: [(ep["cells"].tolist(), ep["actions"].tolist()) for ep in eps]
     assert [key(c) for c in one] == [key(c) for c in two]
     assert key(one[0]) != key(one[1]) and all(len(c) == 12 and all(ep["success"] for ep in c) for c in one)
-    assert key(one[0]) == key(gw.expert_episodes(np.random.default_rng([7, 0]), 12, gw.PRETRAIN_TASKS, 0.1))
-    with pytest.raises(ValueError, match="the same n"):
-        pool(5)
+    rng = np.random.default_rng([7, 0])
+    assert key(one[0]) == key(gw.expert_episodes(rng, 12, gw.PRETRAIN_TASKS, 0.1))
+    want = ir.buckets(one[0], rng, 3)                # call 0's episodes, bucketed with its rng continued
+    for workers in (1, 2):
+        got = calls(workers, functools.partial(ir.buckets, size=3))[1][0]
+        assert [len(b["mask"]) for b in got] == [len(b["mask"]) for b in want] and len(want) == 4
+        assert all(b.keys() == w.keys() and all(np.array_equal(b[k], w[k]) for k in b) for b, w in zip(got, want))
     pids = sorted(w.pid for w in pool.pool._pool)
     for pid in pids:                                 # Ctrl-C reaches the workers too: they leave it to the run
         os.kill(pid, signal.SIGINT)
     time.sleep(1.0)                                  # (a worker that died of it would have been replaced by now)
-    assert sorted(w.pid for w in pool.pool._pool if w.is_alive()) == pids and len(pool(12)) == 12
+    assert sorted(w.pid for w in pool.pool._pool if w.is_alive()) == pids and len(pool()) == 12
 
 
 def test_bitmask_distance_maps_equal_the_reference_search():
@@ -537,6 +543,19 @@ def test_controller_is_low_rank_and_matches_explicit_matrix():
         assert torch.linalg.matrix_rank(U) <= r
         ref = x @ U.T                                                          # U e for every step
         assert torch.allclose(out[g == k], ref[g == k], atol=1e-5)
+
+
+def test_buckets_cut_the_length_sorted_episodes_into_batches_in_random_order():
+    """buckets: each batch is a run of the length-sorted episodes (so it pads only to its own longest), every
+    episode is in one batch, and the batches come in the order of the rng's permutation."""
+    eps = gw.expert_episodes(np.random.default_rng(5), 50, gw.PRETRAIN_TASKS)
+    out = ir.buckets(eps, np.random.default_rng(1), 8)
+    lengths = sorted(len(ep["actions"]) for ep in eps)
+    runs, order = [lengths[i:i + 8] for i in range(0, 50, 8)], np.random.default_rng(1).permutation(7).tolist()
+    assert order != sorted(order) and [sorted(b["mask"].sum(1).tolist()) for b in out] == [runs[j] for j in order]
+    assert [b["mask"].shape[1] for b in out] == [max(runs[j]) for j in order]
+    rows = [tuple(a[:n]) for b in out for a, n in zip(b["actions"].tolist(), b["mask"].sum(1).tolist())]
+    assert sorted(rows) == sorted(tuple(ep["actions"].tolist()) for ep in eps)
 
 
 def test_collate_puts_each_episode_in_its_row_and_pads_the_rest():

@@ -190,8 +190,6 @@ def parse_args(argv=None) -> Args:
     given = vars(p.parse_args(argv))                                 # only the flags on the command line
     args = Args(**{**preset, **given})                               # dataclass defaults < preset < command line
     grid = args.task == "grid"
-    if args.stop_after not in STAGES:
-        die(f"unknown --stop-after {args.stop_after!r}; valid choices: {', '.join(STAGES)}")
     for f in dataclasses.fields(Args):
         v, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
         if isinstance(v, float) and not math.isfinite(v):
@@ -200,7 +198,8 @@ def parse_args(argv=None) -> Args:
             die(f"{flag} must be {'non-negative' if f.name in MAY_BE_ZERO else 'positive'}, got {v}")
         if grid and f.name in ANT_ONLY and f.name in given and not (f.name == "workers" and args.fast_expert):
             die(f"{flag} is for the ant; the grid draws fresh expert episodes every step (--workers: with --fast-expert)")
-    checks = [(grid and args.ctrl_rank == 0, "--ctrl-rank 0 (full rank) is for the ant; the grid needs a rank, e.g. 16"),
+    checks = [(args.stop_after not in STAGES, f"unknown --stop-after {args.stop_after!r}; valid choices: {', '.join(STAGES)}"),
+              (grid and args.ctrl_rank == 0, "--ctrl-rank 0 (full rank) is for the ant; the grid needs a rank, e.g. 16"),
               (args.cooldown > 1, f"--cooldown is a fraction of the steps in [0, 1], got {args.cooldown}"),
               (args.epsilon >= 1, f"--epsilon must be in [0, 1), got {args.epsilon}"),
               (args.n_probe < 2, "--n-probe needs at least 2 episodes (half fit, half score)"),
@@ -275,8 +274,7 @@ MC_FIELDS = ("n_dstar", "n_probe", "alpha", "n_z", "mc_hidden", "mc_enc_hidden",
 # Every checkpoint, in pipeline order: (its section, its parent checkpoint, the settings it reads, the entry points
 # of its code). The grid has no "data" checkpoint: its episodes come from the seed, in pretraining's fingerprint.
 CHECKPOINTS = {
-    "data": (3, None, ("task", "seed", "n_train", "action_noise", "n_heldout", "n_dstar", "expert_eval"),
-             ("ant_datasets",)),
+    "data": (3, None, ("task", "seed", "n_train", "action_noise", "n_heldout", "n_dstar", "expert_eval"), ("ant_datasets",)),
     "pretrain": (6, "data", ("task", "seed", "epsilon", "n_heldout", "n_train", "action_noise", "batch_size",
                              "bucket_batches", "n_layer", "n_head", "n_embd", "obj_attn", "mlp_mult", "rel_buckets",
                              "pretrain_steps", "lr", "warmup", "cooldown", "weight_decay", "obs_coef", "grad_clip",
@@ -768,9 +766,10 @@ def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
     log("6 pretrain", f"{n_params / 1e6:.2f}M parameters, {args.pretrain_steps} steps of {args.batch_size} episodes "
         + ("(fresh)" if args.task == "grid" else f"(from {len(data['train'])} stored)"))
     stream = bucketed_batches(make, device)
-    t0, tokens, t_log = time.time(), 0, time.time()          # both shifted by evaluation pauses (below)
+    t0, t_log, tokens, waited = time.time(), time.time(), 0, 0.0      # t0, t_log: shifted by evaluation pauses (below)
     for step in range(1, args.pretrain_steps + 1):
-        b = next(stream)
+        t_wait, b = time.time(), next(stream)
+        waited += time.time() - t_wait                        # seconds waiting for batches (made, copied to device)
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_factor(step - 1, args)
         act_out, obs_out, _ = model(b["obs"])                                             # (B, T, 4), (B, T, 49)
@@ -784,9 +783,9 @@ def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
         opt.step()
         tokens += int(b["mask"].sum())
         if step % args.log_every == 0 or step == args.pretrain_steps:
-            tps = tokens / (time.time() - t_log)
-            log("6 pretrain", f"step {step}/{args.pretrain_steps} | loss {loss_a.item():.3f} | obs {loss_o.item():.3f} "
-                f"| {tps / 1e3:.1f}k tok/s | {eta(t0, step, args.pretrain_steps)}", step=step, loss=loss_a.item())
+            log("6 pretrain", f"step {step}/{args.pretrain_steps} | loss {loss_a.item():.3f} | obs {loss_o.item():.3f} | "
+                f"{tokens / (time.time() - t_log) / 1e3:.1f}k tok/s, {waited / (time.time() - t0):.0%} waiting for data | "
+                f"{eta(t0, step, args.pretrain_steps)}", step=step, loss=loss_a.item())
             tokens, t_log = 0, time.time()
         if step % args.eval_every == 0 or step == args.pretrain_steps:
             te = time.time()
@@ -800,7 +799,8 @@ def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
                 break
     m = {{"nll": "heldout_nll", "acc": "heldout_acc"}.get(k, k): v for k, v in curve[-1].items() if k not in ("step", "minutes")}
     return {"model": model.state_dict(), "metrics": {"steps": step, "episodes": step * args.batch_size, **m,
-            "train_time_s": time.time() - t0, "n_params": n_params, "curve": curve}}   # the last step is always evaluated
+            "train_time_s": time.time() - t0, "data_wait_fraction": waited / (time.time() - t0), "n_params": n_params,
+            "curve": curve}}                                                       # the last step is always evaluated
 
 # ---------------------------------------------------------------------------------------------------
 # 7. Stage "probe": linear probes of the current subgoal                 [Sec. 5.1, Eq. 6-7, Fig. 3/A1]

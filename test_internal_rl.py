@@ -742,7 +742,7 @@ def numbers(results: dict):
     """A run's results without what differs between identical runs: times, the folder, the stage status."""
     if isinstance(results, dict):
         return {k: numbers(v) for k, v in results.items() if k not in (
-            "args", "stage_status", "stage_time_s", "wall_time_s", "train_time_s", "minutes")}
+            "args", "stage_status", "stage_time_s", "wall_time_s", "train_time_s", "data_wait_fraction", "minutes")}
     return [numbers(v) for v in results] if isinstance(results, list) else results
 
 
@@ -972,6 +972,7 @@ def test_paper_preset_runs_every_stage_on_the_cpu(tmp_path):
                 + [x for k, v in cut.items() for x in ("--" + k.replace("_", "-"), str(v))])
     assert r["args"]["n_layer"] == 6 and r["args"]["n_embd"] == 256 and r["pretrain"]["n_params"] > 3.5e6
     assert r["pretrain"]["steps"] == 2 and [c["step"] for c in r["pretrain"]["curve"]] == [2]
+    assert 0 < r["pretrain"]["data_wait_fraction"] < 1                  # (workers = 1: it makes its batches itself)
     assert len(r["probe_accuracy"]) == 7 and r["controller_success"][3] is not None
     assert all(r[m]["episodes"] == 8 for m in ("token_rl", "internal_rl", "internal_rl_no_temporal"))
 

@@ -418,7 +418,7 @@ def collate(episodes: list, device=None) -> dict:
     b = {"obs": pad([x[:-1] for x in o], 0, num),                              # (B, T, 13) or (B, T, 41)
          "actions": pad([ep["actions"] for ep in episodes], f, num),           # (B, T) or (B, T, 8)
          "next_obs": pad([x[1:, -1] if grid else x[1:] for x in o], f, num),   # agent cell (B, T), or (B, T, 41)
-         "subgoals": pad([ep["subgoals"] for ep in episodes], -1, np.int8), "mask": real}     # (B, T) g_t, (B, T)
+         "subgoals": pad([ep["subgoals"] for ep in episodes], -1, np.int8), "mask": real}     # (B, T) g_t; the mask
     if grid:                                                                     # (B, T), (B, T, 4): diagnostics
         b.update(next_colour=pad([ep["next_colour"] for ep in episodes], -1, np.int8),
                  optimal=pad([ep["optimal"] for ep in episodes], False, bool))
@@ -757,10 +757,10 @@ def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     rng, curve, n_params = data["train_rng"], [], sum(p.numel() for p in model.parameters())
     draw = (lambda n: generate_episodes(rng, n, gw.PRETRAIN_TASKS, args.epsilon)) if args.task == "grid" \
-        else sample_from(rng, data["train"])                                              # grid: fresh, never reused
+        else sample_from(rng, data["train"])                        # grid: fresh episodes, never reused; ant: the stored D
     n, size = args.batch_size * args.bucket_batches, args.batch_size                     # n episodes bucketed at once
     make = lambda: buckets(draw(n), rng, size)
-    if args.fast_expert:                       # the same made ahead of use, bucketed too, by the pool's processes
+    if args.fast_expert:            # the vectorised expert (the same law), made and bucketed ahead by worker processes
         make = gw.ExpertPool(rng.integers(2 ** 62), n, gw.PRETRAIN_TASKS, args.epsilon, args.workers,
                              functools.partial(buckets, size=size))
     log("6 pretrain", f"{n_params / 1e6:.2f}M parameters, {args.pretrain_steps} steps of {args.batch_size} episodes "

@@ -156,7 +156,7 @@ def arena_xml(size: float = CELL_SIZE) -> str:
 
     The tiles are thin visual boxes (no collisions: contype = conaffinity = 0) whose colours the env
     sets at every reset. gymnasium looks a bare file name up inside its own assets, hence the absolute
-    path (STYLE.md's MuJoCo traps)."""
+    path."""
     if size in _XML_CACHE:
         return _XML_CACHE[size]
     import gymnasium.envs.mujoco as gm
@@ -225,10 +225,9 @@ class AntPinpadEnv(gym.Env):
     ## Starting State
     Colours, the wall and the start cell are sampled uniformly without overlap from ``self.np_random``;
     layouts where the task cannot be completed (a needed colour reachable only across the wall or
-    another colour) are resampled. The torso starts at the start cell's centre plus uniform noise
-    within the cell (kept 0.25 m from its edges), at height 0.75 m with
-    a uniformly random yaw; joint angles and all velocities are uniform within +-0.1 of Ant-v5's rest
-    pose and zero [P A.2.1].
+    another colour) are resampled. The torso starts in the start cell (the paper: anywhere in it [P A.2.1];
+    here its centre plus uniform noise, kept 0.25 m from the edges), at height 0.75 m, with a uniformly random
+    yaw; joint angles and all velocities are uniform within +-0.1 of Ant-v5's rest pose and zero.
 
     ## Episode End
     * Termination, success: every colour of the task entered in order (a colour counts as visited when
@@ -379,8 +378,8 @@ class AntPinpadEnv(gym.Env):
 # ---------------------------------------------------------------------------------------------------
 # 4. The expert: an omnidirectional trot with heading feedback, driven by a planner over cells
 # ---------------------------------------------------------------------------------------------------
-# The paper's ant expert is a PPO agent [P C.1.1]; the issue allows any honest expert, and a
-# hand-designed one needs no training and fits in a screenful. It has two levels, which is also a
+# The paper's ant expert is a PPO agent [P C.1.1]; this one is hand-designed: it needs no training
+# and fits in a screenful. It has two levels, which is also a
 # picture of the abstraction the paper wants the base model to discover:
 #
 #   planner: a shortest path over cells (8 neighbours, Dijkstra) from the ant's cell to the next needed

@@ -207,7 +207,8 @@ class GridPinpadEnv(gym.Env):
     ## Starting State
     Colours, walls and the agent's start are sampled uniformly without overlap from ``self.np_random``.
     Layouts where the task cannot be completed (a needed colour walled off, or reachable only across
-    another colour) are resampled.
+    another colour) are resampled, so a layout says a little about the task: a colour that cannot be reached
+    is not in it.
 
     ## Episode End
     * Termination, success: every colour of the task visited in order (a colour counts as visited when
@@ -217,7 +218,7 @@ class GridPinpadEnv(gym.Env):
 
     ## Info
     ``subgoal`` (ground-truth current subgoal id 0..3 = pair of the next needed colour; for probes and
-    analysis only, never for the agent), ``next_colour``, ``visited`` (task colours visited so far),
+    analysis only, never for the agent), ``next_colour``, ``visited`` (how many of the task's colours are visited so far),
     ``success`` (bool).
 
     ## Arguments

@@ -3,18 +3,19 @@
     "Emergent temporal abstractions in autoregressive models enable hierarchical reinforcement learning"
     Kobayashi, Schimpf, Schlegel, ..., Meulemans, Sacramento (2025), arXiv:2512.20605.
 
-Table of contents: one section per step of the paper's pipeline, in the order a run performs them
+Table of contents: one section per step of the paper's pipeline, simple before new (a run trains section 10's
+metacontroller before section 9's token-level RL)
     1. Args: every setting, presets per task
     2. Plumbing: logging, and checkpoints that know what made them
     3. Data: expert trajectories D and D*, no rewards (the true subgoals only for analysis)
     4. The base model: a causal transformer whose residual stream e_{t,l} the later sections read and edit
     5. Rollouts: the frozen model, optionally controlled, acting in the env
     6. Stage "pretrain": next-action prediction + lambda * next-observation prediction (Eq. 5)
-    7. Stage "probe": is the current subgoal linearly readable at layer l? (Sec. 5.1, Eq. 6-7, Fig. 3)
-    8. Stage "controllers": e <- e + U e (Eq. 1), one U per subgoal: do they steer the frozen model? (Sec. 5.2)
+    7. Stage "probe": is the current subgoal linearly readable at layer l? (Eq. 6-7, Fig. 3, App. C.2)
+    8. Stage "controllers": e <- e + U e (Eq. 1), one U per subgoal: do they steer the frozen model? (Fig. 4, App. C.3)
     9. The RL toolkit and token-level RL (App. C.5.2: clipped ratio, no critic, one advantage per episode)
-    10. Stage "metacontroller": controllers U_t = f_hyp(z_t) and when to switch (beta_t), without labels (Sec. 6)
-    11. Internal RL: a causal policy picks a code z when the frozen switch fires (Sec. 8); App. E.2 as a toy
+    10. Stage "metacontroller": controllers U_t = f_hyp(z_t) and when to switch (beta_t), without labels (App. C.4)
+    11. Internal RL: a causal policy picks a code z when the frozen switch fires (App. C.5); App. E.2 as a toy
     12. Figures
     13. main(): the stages in order
 
@@ -87,7 +88,7 @@ class Args:
     bucket_batches: int = arg(8, "batches drawn together and sorted by length, to cut padding")
     n_heldout: int = arg(2000, "held-out episodes of D (pretraining metrics)")
     n_dstar: int = arg(8000, "episodes of D* (epsilon = 0) for controllers and metacontroller; as many again held out")
-    n_train: int = arg(0, "ant: episodes of the stored set D, reused every epoch (the grid draws fresh ones)")
+    n_train: int = arg(0, "ant: episodes of the stored set D, sampled with replacement (the grid draws fresh ones)")
     action_noise: float = arg(0.0, "ant: std of Gaussian noise on the expert's actions in D (D* has none)")
     workers: int = arg(2, "processes that make expert episodes: the ant's stored sets, the grid's with --fast-expert")
     fast_expert: bool = arg(False, "grid: pretraining batches made and bucketed by gridworld.ExpertPool's --workers processes")
@@ -106,7 +107,7 @@ class Args:
     warmup: int = arg(200, "linear learning-rate warm-up steps, then constant (Table A4: constant)")
     cooldown: float = arg(0.3, "fraction of the final steps over which the learning rate decays linearly to 0 (Table A4: 0)")
     weight_decay: float = arg(0.03, "AdamW weight decay (Table A4)")
-    obs_coef: float = arg(0.01, "lambda in Eq. 5: weight of the next-observation loss (Table A4: 0 to 0.01)")
+    obs_coef: float = arg(0.01, "lambda in Eq. 5: weight of the next-observation loss (Table A4: 0-0.01; A5, ant: 10)")
     grad_clip: float = arg(1.0, "gradient-norm clip")
     eval_every: int = arg(1000, "held-out metrics every this many pretraining steps")
     # -- probes (section 7) --
@@ -114,7 +115,7 @@ class Args:
     probe_steps: int = arg(300, "full-batch AdamW steps per layer probe (Table A6: 8,000 at batch 512)")
     probe_lr: float = arg(5e-2, "probe learning rate, on standardised features (Table A6: 1e-3)")
     # -- controllers (section 8) --
-    ctrl_rank: int = arg(16, "rank r of each controller U = A B^T (Table A7: 16); 0 = full rank D (Table A8, ant)")
+    ctrl_rank: int = arg(16, "rank r of each controller U = A B^T, and of f_hyp (Tables A7, A9: 16); 0: full rank (ant)")
     ctrl_steps: int = arg(400, "optimiser steps per layer (Table A7: 3200 at batch 512)")
     ctrl_batch: int = arg(128, "D* episodes per controller batch (Table A7: 512)")
     ctrl_lr: float = arg(3e-3, "controller learning rate (Table A7: 1e-3)")
@@ -126,7 +127,7 @@ class Args:
     rl_batch: int = arg(256, "episodes per RL batch (Table A13: 1024)")
     rl_epochs: int = arg(2, "optimiser steps per batch (full-batch PPO epochs)")
     clip_coef: float = arg(0.2, "PPO ratio clip epsilon")
-    token_lr: float = arg(1e-5, "AdamW learning rate of token-level RL, whole base model (Table A13: 3e-6 to 3e-4)")
+    token_lr: float = arg(1e-5, "AdamW learning rate of token-level RL, the whole model (App. C.5.5 scans 3e-6 to 3e-4)")
     rl_eval: int = arg(1000, "post-training episodes of each final test, on env seeds unused in training")
     # -- the metacontroller (section 10) --
     alpha: float = arg(0.1, "KL weight alpha in Eq. 3 (Table A9 sweeps 0 to 1)")
@@ -392,7 +393,7 @@ def env_module(task: str):
     return gw if task == "grid" else importlib.import_module("ant_tasks")
 
 # ---------------------------------------------------------------------------------------------------
-# 3. Data: expert trajectories D and D*, length-bucketed batches               [App. C.1.1, C.4.4]
+# 3. Data: expert trajectories D and D*, length-bucketed batches                      [App. C.1.1, C.4.4]
 # D: expert trajectories on the 16 pretraining tasks (epsilon-noisy, if asked) pretrain the model; D*, the same with
 # epsilon = 0, trains the controllers and the metacontroller.
 # A grid episode (gridworld.expert_episode) holds cells (T+1, 13): o_1..o_{T+1} in index form (the cells of walls
@@ -482,7 +483,7 @@ def make_datasets(args: Args, log=None) -> dict:
             "eval_seed": int(rngs[4].integers(2 ** 31))}                       # env seeds for rollouts
 
 # ---------------------------------------------------------------------------------------------------
-# 4. The base model: a causal transformer with an explicit residual stream       [Sec. 4, App. D.1]
+# 4. The base model: a causal transformer with an explicit residual stream              [App. C.1.2, D.1]
 # An ordinary autoregressive model: one token per time step (the embedded o_t), causal self-attention over the past,
 # and per step a distribution over the action a_t and the next observation o_{t+1} (Eq. 5; no action tokens: a_{t-1}
 # can be read off o_{t-1}, o_t). What matters later is the *residual stream*: each pre-norm block adds its output to
@@ -560,7 +561,7 @@ OBJ_TYPE = torch.tensor([8] * gw.N_WALLS + list(range(gw.N_COLOURS)))   # object
 N_OFFSETS = (2 * gw.GRID - 1) ** 2          # 13 x 13 possible (row, col) offsets between two cells
 
 class GPT(nn.Module):
-    """Causal transformer over one token per time step [Sec. 4, Eq. 5]. forward() returns e_{t,l} for every l, and
+    """Causal transformer over one token per time step [Eq. 5, App. D.1]. forward() returns e_{t,l} for every l, and
     adds a controller ``ctrl`` (x -> U x) at layer ``ctrl_layer``: e <- e + U e (Eq. 1); the blocks above see only
     the edited stream. Grid and ant differ only in the input embedding and the heads (4 actions; 8 torques)."""
     def __init__(self, args: Args):
@@ -660,7 +661,7 @@ class GPT(nn.Module):
         return x                                                                 # e_{t,layer} (B, T, D)
 
     def upper(self, x, layer: int, obs):
-        """A residual at ``layer`` (B, T, D) -> action logits (B, T, 4): blocks layer+1..L (``obs`` feeds object attention)."""
+        """Residual at ``layer`` (B, T, D) -> action outputs (B, T, 4; the ant: 8): blocks layer+1..L (``obs``: objects)."""
         objs = self.embed(obs)[1] if any(b.obj_attn is not None for b in self.blocks[layer:]) else None
         for block in self.blocks[layer:]:
             x = block(x, self.buckets, None, objs)
@@ -710,7 +711,7 @@ def rollout(model: GPT, tasks: list, n: int, seed: int, device, ctrl_fn=None, ct
     return out
 
 # ---------------------------------------------------------------------------------------------------
-# 6. Stage "pretrain": next-action prediction                                   [Eq. 5, App. C.1]
+# 6. Stage "pretrain": next-action prediction                                           [Eq. 5, App. C.1]
 #     L(theta) = sum_t [ -ln p(a_t | o_{1:t}) - lambda ln p(o_{t+1} | o_{1:t}) ]                   (Eq. 5)
 # Nothing here mentions subgoals: no task label, no reward. To predict the expert's next move the model must infer in
 # context which colour it is heading for, from the colours visited (the pair rule: after colour 2k comes 2k+1; which
@@ -803,7 +804,7 @@ def pretrain(args: Args, data: dict, device, log: Logger) -> dict:
             "curve": curve}}                                                       # the last step is always evaluated
 
 # ---------------------------------------------------------------------------------------------------
-# 7. Stage "probe": linear probes of the current subgoal                 [Sec. 5.1, Eq. 6-7, Fig. 3/A1]
+# 7. Stage "probe": linear probes of the current subgoal                   [Eq. 6-7, Fig. 3/A1, App. C.2]
 # Is the current subgoal g_t (the colour pair being worked on) *linearly* readable from e_{t,l}? Per layer we fit
 # p(g_t = g | e_{t,l}) = softmax(W_l e_{t,l} + b_l)_g (Eq. 6-7) on held-out D* episodes, scored on others (split by
 # episode). The paper sees ~0.3 at the input rise to ~0.5 mid-depth (Fig. A1).
@@ -855,7 +856,7 @@ def probe_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict
     return {"metrics": {"probe_accuracy": acc, "probe_gap_mid": acc[mid] - acc[0], "train_time_s": time.time() - t0}}
 
 # ---------------------------------------------------------------------------------------------------
-# 8. Stage "controllers": ground-truth residual-stream controllers        [Eq. 1, Sec. 5.2, Fig. 4, Table A7]
+# 8. Stage "controllers": ground-truth residual-stream controllers    [Eq. 1, Fig. 4, App. C.3, Table A7]
 # Probing says the information is there; control asks whether the model *uses* it. Eq. 1 inserts a linear
 # controller at layer l, e_{t,l} <- e_{t,l} + U_t e_{t,l}, and blocks l+1..L process the edited stream as if
 # nothing happened. One controller per subgoal g, low-rank as in LoRA: U^(g) = A_g B_g^T, A_g, B_g in R^{D x r}
@@ -937,20 +938,20 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
     return {"metrics": {**metrics, "train_time_s": time.time() - t0}, "controllers": states}
 
 # ---------------------------------------------------------------------------------------------------
-# 9. The RL toolkit and token-level RL                                    [Sec. 8.3-8.4, App. C.5.2]
+# 9. The RL toolkit and token-level RL                                                 [App. C.5.2-C.5.3]
 # The post-training task (0-1-2-3-4-5-6-7-0-1-2-3) pays 1 when all 12 colours are visited in order, else 0. Its
 # subgoal order A-B-C-D-A-B uses only transitions that pretraining never shows, over twice as many steps. Both RL
 # methods use the same update (App. C.5.2): a PPO-style clipped ratio, no critic, one advantage per *trajectory*,
 #
 #     A_tau = (R(tau) - mean_B R) / (std_B R + 1e-3)                     (population std over the batch)
-#     L = -E_tau [ sum_t min( rho_t A_tau, clip(rho_t, 1 - eps, 1 + eps) A_tau ) ],
+#     L = -(1/N) sum_tau sum_t min( rho_t A_tau, clip(rho_t, 1 - eps, 1 + eps) A_tau ),   N = the batch's actions
 #     rho_t = pi(act_t | s_{1:t}) / pi_old(act_t | s_{1:t}),
 #
 # like GRPO without groups. The methods differ only in *what an action is* (the lines marked # ALGO LOGIC):
 #   token-level RL: act_t = the primitive move a_t at every env step, pi = the whole base model (finetuned);
 #   internal RL:    act_k = the code z at the k-th switch only, pi = a small causal policy over z; the base
 #                   model and the metacontroller's decoder are part of the environment.
-# Token-level RL starts from the pretrained model, which on this task essentially never succeeds (Sec. 8.4:
+# Token-level RL starts from the pretrained model, which on this task essentially never succeeds (App. C.5.3:
 # about once in a million episodes); with no success in a batch every advantage is 0 and nothing is learned.
 def trajectory_advantage(rewards):
     """A_tau = (R - mean_B R) / (std_B R + 1e-3) (App. C.5.2): one number per episode (B,)."""
@@ -1008,7 +1009,7 @@ def rl_report(args: Args, name: str, m: dict, test: dict, data: dict, log: Logge
     return m
 
 def token_rl(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
-    """Token-level RL: finetune a copy of the base model on primitive actions (Sec. 8.4), then test it on unseen
+    """Token-level RL: finetune a copy of the base model on primitive actions (App. C.5.3), then test it on unseen
     env seeds. Returns the checkpoint: the ``metrics`` and the finetuned ``policy``."""
     t0, post = time.time(), env_module(args.task).POSTTRAIN_TASK
     policy = copy.deepcopy(model).requires_grad_(True)     # the frozen original stays untouched
@@ -1022,13 +1023,13 @@ def token_rl(args: Args, model: GPT, data: dict, device, log: Logger) -> dict:
     return {"metrics": rl_report(args, "token_rl", m, test, data, log, t0), "policy": policy.state_dict()}
 
 # ---------------------------------------------------------------------------------------------------
-# 10. Stage "metacontroller": discovering subgoals and when to switch        [Sec. 6, Eq. 2-3, App. D.2, Table A9]
+# 10. Stage "metacontroller": discovering subgoals and when to switch  [Eq. 2-3, App. C.4, D.2, Table A9]
 # Section 8 needed the true subgoal labels. The metacontroller finds controllers *and* their timing without them,
 # self-supervised on D*: it reads the frozen model's e_t = e_{t,L/2} and writes a controller back there (App. D.2):
 #   s      = f_emb(e_{1:T})                     non-causal sequence embedding (sees the future)      (Eq. 13)
 #   h_t    = GRU(e_t, h_{t-1})                  the history so far                                   (Eq. 12)
 #   mu_t, Sigma_t = f_enc(e_t, h_{t-1}, s);  z~_t ~ N(mu_t, Sigma_t)   a proposed new code       (Eq. 14-15)
-#   beta_t = f_switch(e_t, h_{t-1}, z_{t-1})    the causal switching unit, in [0, 1] (no s)          (Eq. 16)
+#   beta_t = f_switch(e_t, h_{t-1}, z_{t-1})    the switching unit, in [0, 1]; s only via z_{t-1}    (Eq. 16)
 #   z_t    = beta_t z~_t + (1 - beta_t) z_{t-1}  temporal integration                                 (Eq. 2)
 #   U_t    = f_hyp(z_t) = A(z_t) B(z_t)^T       the hypernetwork decoder, rank r (the ant: D)        (Eq. 18)
 #   e_t   <- e_t + U_t e_t                      then the frozen upper blocks predict a_t             (Eq. 11)
@@ -1100,7 +1101,7 @@ class MetaController(nn.Module):
         if forced:                          # ALGO LOGIC: Eq. 2 with beta = 1 (the ablation): z_t = z~_t
             return z_tilde, kl, e.new_ones(B, T)
         z, zs, betas = e.new_zeros(B, mu.shape[-1]), [], []  # z_0 = 0; z_t and beta_t per step
-        # the only sequential part: beta_t reads z_{t-1} (unbind(): indexing [:, t] costs autograd full-size zeros)
+        # the only sequential part, beta_t = f_switch(e_t, h_{t-1}, z_{t-1}): h_t below is h_prev[:, t] = h_{t-1}
         for t, (e_t, h_t, zt_t) in enumerate(zip(e.unbind(1), h_prev.unbind(1), z_tilde.unbind(1))):
             beta = e.new_ones(B) if t == 0 else self.switch_prob(e_t, h_t, z, noisy=sample)   # (B,)
             z = beta[:, None] * zt_t + (1 - beta[:, None]) * z                         # ALGO LOGIC: Eq. 2 (B, Z)
@@ -1139,7 +1140,7 @@ def boundary_f1(beta, subgoals, lengths, tol: int = 1) -> dict:
 
 @torch.no_grad()
 def switch_alignment(model: GPT, mc: MetaController, episodes: list, layer: int, device) -> dict:
-    """Held-out switch statistics with posterior means (no sampling), NLL, KL and example traces of beta."""
+    """Held-out switch statistics with posterior means (no sampling; beta reads the encoder's z_{t-1}), NLL, KL, traces."""
     betas, subgoals, nll, kl, n = [], [], 0.0, 0.0, 0                   # per episode, real steps only
     for b in batches_of(episodes, 256, device):
         e, m, lengths = model.lower(b["obs"], layer), b["mask"], b["mask"].sum(1)           # e (B, T, D), lengths (B,)
@@ -1270,7 +1271,7 @@ def alpha_sweep(args: Args, model: GPT, data: dict, device, log: Logger) -> dict
                         "cotrain_steps": args.cotrain_steps, "train_time_s": time.time() - t0}}
 
 # ---------------------------------------------------------------------------------------------------
-# 11. Internal RL: RL in the metacontroller's code space                 [Sec. 8.1-8.2, Alg. 1-3, App. D.3]
+# 11. Internal RL: RL in the metacontroller's code space                        [Alg. 1-3, App. C.5, D.3]
 # Section 9's loop with a different agent: a causal policy pi(z | e at the decisions so far) replaces the non-causal
 # encoder; the base model, history GRU, switching unit and decoder are frozen, part of the env (Alg. 1-2). At step t:
 #   e_t = lower_blocks(o_{1:t})                      the frozen model sees the whole history (KV cache)

@@ -880,6 +880,7 @@ class SubgoalControllers(nn.Module):
 def train_controllers(args: Args, model: GPT, layer: int, episodes: list, device, log: Logger) -> SubgoalControllers:
     """Minimise sum_t -ln p(a_t | o_{1:t}, g_t) on D*; the base model is frozen, so gradients reach only A and B."""
     model.requires_grad_(False).eval()
+    torch.manual_seed(args.seed + 100 + layer)   # B's draw depends on this layer alone, not on the layers run before
     ctrl = SubgoalControllers(env_module(args.task).N_SUBGOALS, args.n_embd, args.ctrl_rank or args.n_embd).to(device)
     opt = torch.optim.AdamW(ctrl.parameters(), lr=args.ctrl_lr, weight_decay=args.weight_decay)
     rng, t0 = np.random.default_rng(args.seed + 100 + layer), time.time()
@@ -928,7 +929,6 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
         n = args.n_dstar // 2
         rng = np.random.default_rng(np.random.SeedSequence(args.seed).spawn(6)[5])   # a stream no other set uses
         extra = generate_episodes(rng, n, [gw.POSTTRAIN_TASK], 0.0)
-        torch.manual_seed(args.seed + 5)
         mixed = [ep for pair in zip(data["dstar_train"][:n], extra) for ep in pair]                 # alternating
         ctrl = train_controllers(args, model, mid, mixed, device, log)
         o_pre, o_post = (r["success"] for r in evaluate(ctrl_fn=ctrl, ctrl_layer=mid))

@@ -674,6 +674,19 @@ def test_controller_training_touches_only_the_controller(tmp_path):
     assert ctrl.A.grad is not None and ctrl.A.abs().sum() > 0               # the controller did train
 
 
+def test_a_layers_controllers_do_not_depend_on_which_layers_were_trained_before(tmp_path):
+    args = tiny_args(out=str(tmp_path), ctrl_steps=3)
+    torch.manual_seed(0)
+    model = ir.GPT(args)
+    eps = ir.generate_episodes(np.random.default_rng(1), 32, gw.PRETRAIN_TASKS, 0.0)
+    train = lambda layer: ir.train_controllers(args, model, layer, eps, "cpu", ir.Logger(args.out)).state_dict()
+    alone = train(1)                                        # --ctrl-layers mid
+    train(0)                                                # --ctrl-layers all: layer 0 first, then layer 1
+    after = train(1)
+    assert all(torch.equal(alone[k], after[k]) for k in alone)
+    assert not torch.equal(train(0)["B"], alone["B"])       # each layer draws its own start
+
+
 def test_probe_finds_a_planted_signal():
     torch.manual_seed(0)
     y = torch.randint(0, 4, (2000,))

@@ -36,7 +36,8 @@ Notation (shape comments use these letters)
     (steps or decisions)   e_{t,l} the residual at step t after block l (0: the embedding)   U = A B^T (A, B: D x r)
 
 Deviations (the README's table gives reasons): a CPU-sized model and budget (d=64, 4 blocks; the paper's: --preset
-paper); an agent-centred embedding, object attention (section 4); GRUs for Hawk SSMs; a KL warm-up; an ant expert by hand.
+paper); an agent-centred embedding, object attention (section 4); GRUs for the Hawk SSMs (the ant's base model: the
+transformer); a KL warm-up; an ant expert by hand.
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ class Args:
     # -- run --
     task: str = arg("grid", "environment: grid (gridworld-pinpad) or ant (ant-pinpad, MuJoCo)")
     preset: str = arg("default", "default (the full run), quick (every stage in minutes: demos, smoke runs, tests) or "
-                      "paper (grid: the sizes and budgets of Tables A4-A16, for a GPU)")
+                      "paper (grid: the sizes and budgets of Tables A4, A6, A7, A9, A13, A16, for a GPU)")
     seed: int = arg(0, "seed for everything (data, initialisation, evaluation episodes)")
     device: str = arg("auto", "cpu, cuda, or auto (cuda when present)")
     out: str = arg("", "run folder (default runs/<task>-seed<seed>, plus -<preset> for a preset other than default)")
@@ -133,7 +134,7 @@ class Args:
     alpha: float = arg(0.1, "KL weight alpha in Eq. 3 (Table A9 sweeps 0 to 1)")
     n_z: int = arg(8, "size Z of the controller code z (Table A9: 8)")
     mc_hidden: int = arg(32, "hidden size of the history GRU, the sequence embedding and the decoder (Table A9: 32)")
-    mc_enc_hidden: int = arg(64, "hidden size of the encoder and switching-unit MLPs (Table A9: 64)")
+    mc_enc_hidden: int = arg(64, "hidden size of the encoder MLP (Table A9: 64) and of the switching unit's (unspecified)")
     mc_steps: int = arg(2000, "metacontroller optimiser steps (Table A9: 64,000 at batch 512)")
     mc_batch: int = arg(128, "D* episodes per metacontroller batch (Table A9: 512)")
     mc_lr: float = arg(3e-3, "metacontroller learning rate (Table A9: 1e-3)")
@@ -493,7 +494,7 @@ def make_datasets(args: Args, log=None) -> dict:
 # also attends over its own step's objects (keys = values = the rows summed): "look up my target".
 def relative_buckets(n: int, num_buckets: int, max_distance: int = 128) -> torch.Tensor:
     """T5-style buckets of d = t_query - t_key >= 0 (Table A16): one per d < num_buckets/2, then log-spaced. No
-    absolute positions, so the post-training task's ~63-step episodes meet no position pretraining lacked."""
+    absolute positions: a post-training step at t = 60 sees the same recent distances as any pretraining step."""
     d = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).clamp(min=0)    # (n, n) query x key
     exact = num_buckets // 2
     log_b = exact + (torch.log(d.float().clamp(min=1) / exact) / math.log(max_distance / exact)
@@ -563,7 +564,8 @@ N_OFFSETS = (2 * gw.GRID - 1) ** 2          # 13 x 13 possible (row, col) offset
 class GPT(nn.Module):
     """Causal transformer over one token per time step [Eq. 5, App. D.1]. forward() returns e_{t,l} for every l, and
     adds a controller ``ctrl`` (x -> U x) at layer ``ctrl_layer``: e <- e + U e (Eq. 1); the blocks above see only
-    the edited stream. Grid and ant differ only in the input embedding and the heads (4 actions; 8 torques)."""
+    the edited stream. Grid and ant differ in the input embedding, the grid's object attention and the heads (4
+    logits; 8 Gaussian means)."""
     def __init__(self, args: Args):
         super().__init__()
         D, self.n_layer, self.task, E = args.n_embd, args.n_layer, args.task, env_module(args.task)
@@ -865,7 +867,8 @@ def probe_stage(args: Args, model: GPT, data: dict, device, log: Logger) -> dict
 # Evaluation counts successes on the pretraining tasks (does it steer?) and on the post-training task
 # 0-1-2-3-4-5-6-7-0-1-2-3 (does steering compose into an unseen order?). The paper finds L/2 best (Fig. 4).
 class SubgoalControllers(nn.Module):
-    """G low-rank controllers, picked per step by the subgoal g (B, T); A starts at 0 (U = 0: the identity)."""
+    """G controllers (low-rank; the ant: full rank), picked per step by the subgoal g (B, T); A starts at 0 (U = 0:
+    the identity)."""
     def __init__(self, G: int, D: int, rank: int):
         super().__init__()
         self.A = nn.Parameter(torch.zeros(G, D, rank))                           # (G, D, r)
@@ -921,9 +924,10 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
                "controller_success": [post.get(l) for l in range(args.n_layer + 1)],      # None: not trained
                "controller_success_pretrain": [pre.get(l) for l in range(args.n_layer + 1)],
                "controller_success_oracle": None, "controller_success_oracle_pretrain": None}   # the diagnostic below
-    # A diagnostic (grid; not the paper's protocol, which trains on D* only): controllers at L/2 trained on D* plus as
-    # many post-training expert episodes. If these steer the novel order where the D* ones do not, a linear edit at
-    # L/2 *can* steer there; what fails is the transfer from D*, which never shows a subgoal the history rules out.
+    # A diagnostic (grid; not the paper's protocol, which trains on D* only): controllers at L/2 trained on half of
+    # D* alternated with as many post-training expert episodes. If these steer the novel order where the D* ones do
+    # not, a linear edit at L/2 *can* steer there; what fails is the transfer from D*, which never shows a subgoal
+    # the history rules out.
     mid = args.n_layer // 2
     if args.ctrl_oracle and args.task == "grid" and mid in post:
         n = args.n_dstar // 2
@@ -939,9 +943,10 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
 
 # ---------------------------------------------------------------------------------------------------
 # 9. The RL toolkit and token-level RL                                                 [App. C.5.2-C.5.3]
-# The post-training task (0-1-2-3-4-5-6-7-0-1-2-3) pays 1 when all 12 colours are visited in order, else 0. Its
-# subgoal order A-B-C-D-A-B uses only transitions that pretraining never shows, over twice as many steps. Both RL
-# methods use the same update (App. C.5.2): a PPO-style clipped ratio, no critic, one advantage per *trajectory*,
+# The post-training task (0-1-2-3-4-5-6-7-0-1-2-3; the ant: 0-1-2-3) pays 1 when all its colours are visited in
+# order, else 0. Its subgoal order A-B-C-D-A-B uses only transitions that pretraining never shows, over twice as
+# many steps. Both RL methods use the same update (App. C.5.2): a PPO-style clipped ratio, no critic, and one
+# advantage per *trajectory*,
 #
 #     A_tau = (R(tau) - mean_B R) / (std_B R + 1e-3)                     (population std over the batch)
 #     L = -(1/N) sum_tau sum_t min( rho_t A_tau, clip(rho_t, 1 - eps, 1 + eps) A_tau ),   N = the batch's actions
@@ -1068,7 +1073,7 @@ class MetaController(nn.Module):
     def apply(self, z, e):
         """U(z_t) e_t at every step: z (B, T, Z), e (B, T, D) -> (B, T, D), never forming the D x D matrix U."""
         A, B = self.factors(z)                                                           # (B, T, D, r) each
-        return (A @ (B.transpose(-1, -2) @ e[..., None]))[..., 0]                        # Eq. 18: A (B^T e)
+        return (A @ (B.transpose(-1, -2) @ e[..., None]))[..., 0]                        # U_t e_t = A (B^T e) (Eq. 11)
 
     def switch_prob(self, e, h_prev, z_prev, noisy: bool = False):
         """beta_t (Eq. 16), causal, no access to s: (B, D), (B, H), (B, Z) -> (B,). ``noisy`` (--mc-gumbel > 0): a
@@ -1111,7 +1116,7 @@ class MetaController(nn.Module):
 
 def mc_loss(model: GPT, mc: MetaController, b: dict, layer: int, alpha: float, forced: bool = False):
     """Eq. 3 with lambda = 0 on a D* batch: action NLL through the frozen model + alpha * the mean per-step KL."""
-    e = model.lower(b["obs"], layer)           # (B, T, D); a controller never changes e_{t,l}; frozen: no graph
+    e = model.lower(b["obs"], layer)           # (B, T, D); a controller never changes e_{t,l}; frozen base: no graph
     lengths = b["mask"].sum(1)                                                           # (B,)
     z, kl, beta = mc(e, lengths, forced)
     act_out = model.upper(e + mc.apply(z, e), layer, b["obs"])                           # ALGO LOGIC: Eq. 11, (B, T, 4)
@@ -1279,9 +1284,9 @@ def alpha_sweep(args: Args, model: GPT, data: dict, device, log: Logger) -> dict
 #   on a switch: z ~ pi(. | e at this and the earlier switches)              <- the RL action
 #   otherwise:   z unchanged, so U = f_hyp(z) unchanged (a temporally-abstract action)
 #   a_t ~ upper_blocks(e_t + U e_t); env.step(a_t)
-# So the RL "episode" is the handful of switch points (about 6 if they sit at subgoal boundaries), not ~60 primitive
-# steps (App. E.2). The policy starts as the prior N(0, I), the codes the decoder was trained on; the forced ablation
-# (beta = 1) draws a new z at every step. Shapes: e_dec (B, N, D), z_dec (B, N, Z) at each episode's N decisions.
+# So the RL "episode" is the handful of switch points (on the grid about 6, if they sit at subgoal boundaries), not
+# ~60 primitive steps (App. E.2). The policy starts as the prior N(0, I), the codes the decoder was trained on; the
+# forced ablation (beta = 1) draws a new z at every step. Shapes: e_dec (B, N, D), z_dec (B, N, Z) at each episode's N decisions.
 class ZPolicy(nn.Module):
     """pi(z_k | e_{t_1..t_k}): a GRU over the residuals at decision points, a Gaussian over z (init: N(0, I))."""
     def __init__(self, args: Args):
@@ -1346,7 +1351,7 @@ def internal_rl(args: Args, model: GPT, mc: MetaController, data: dict, device, 
     def collect(n, s):
         agent = InternalAgent(mc, policy, n, s + 1, forced)
         r = rollout(model, [post], n, s, device, ctrl_fn=agent, ctrl_layer=mid, record=True)
-        e_dec, z_dec, mask = agent.decisions(r["lengths"])                              # ALGO LOGIC: act = z at switches
+        e_dec, z_dec, mask = agent.decisions(r["lengths"])                              # the recorded decisions, padded (n, N)
         return {"rewards": r["rewards"], "e": e_dec, "z": z_dec, "mask": mask}
     logp_fn = lambda b: policy.log_prob(b["e"], b["z"])                                  # ALGO LOGIC: log pi(z | e)
     m = rl_train(args, f"11 {name}", collect, logp_fn, list(policy.parameters()), "irl-lr",

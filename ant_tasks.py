@@ -394,8 +394,9 @@ class AntPinpadEnv(gym.Env):
 #     without turning). Joint targets are tracked by a PD law clipped to the torque range.
 #
 # On flat ground it walks at about 0.5 m/s in every direction. ``noise`` adds Gaussian noise to the
-# action (dataset D; keep it small: std 0.1 per step already halves the success rate, 0.03 does not);
-# D* uses the noise-free action, the analogue of the paper's "mean action" [P C.4.4].
+# action (dataset D). Keep it small: on pretraining tasks the expert succeeds in 0.84 of episodes noise-free,
+# 0.80 at std 0.03 per step and 0.35 at 0.1 (``python ant_tasks.py --noise 0.1``). D* uses the noise-free
+# action, the analogue of the paper's "mean action" [P C.4.4].
 LEG_ANGLE = np.deg2rad([45.0, 135.0, 225.0, 315.0])    # legs 1..4 (front left, front right, back, right back)
 ANKLE_SIGN = np.array([1.0, -1.0, -1.0, 1.0])          # ankle_1, ankle_4 bend positive; ankle_2, ankle_3 negative
 GAIT = dict(freq=1.0, sweep=0.5, down=1.0, lift=0.3, kp=3.0, kd=0.1)

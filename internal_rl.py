@@ -84,7 +84,7 @@ class Args:
     log_every: int = arg(200, "log a training line every this many steps")
     fresh: bool = arg(False, "retrain every stage: delete the run folder's checkpoints first")
     # -- data (section 3) --
-    epsilon: float = arg(0.0, "expert noise in D: probability of a random non-terminating action (paper: 0)")
+    epsilon: float = arg(0.0, "grid: expert noise in D, the probability of a random non-terminating action (paper: 0)")
     batch_size: int = arg(64, "episodes per pretraining batch (Table A4: 1024)")
     bucket_batches: int = arg(8, "batches drawn together and sorted by length, to cut padding")
     n_heldout: int = arg(2000, "held-out episodes of D (pretraining metrics)")
@@ -211,6 +211,7 @@ def parse_args(argv=None) -> Args:
               (args.sweep not in ("", "alpha"), f"unknown --sweep {args.sweep!r}; valid choice: alpha"),
               (not grid and args.sweep, "--sweep is for the grid (its co-trained runs draw fresh expert episodes)"),
               (not grid and args.fast_expert, "--fast-expert is for the grid (the ant's D is a stored set)"),
+              (not grid and args.epsilon > 0, "--epsilon is for the grid; the ant's expert noise is --action-noise"),
               (args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()),
                f"--device {args.device!r} is not available here; valid choices: auto, cpu"
                + (", cuda" if torch.cuda.is_available() else " (no CUDA device found)"))]
@@ -544,7 +545,7 @@ class ObjectAttention(nn.Module):
         return self.proj((w[..., None] * kv).sum(2).reshape(B, T, D))            # (B, T, D)
 
 class Block(nn.Module):
-    """Pre-norm residual block [App. D.1.1]: e <- e + Attn(LN(e)); [e <- e + ObjAttn(LN(e))]; e <- e + MLP(LN(e))."""
+    """Pre-norm residual block [App. D.1]: e <- e + Attn(LN(e)); [e <- e + ObjAttn(LN(e))]; e <- e + MLP(LN(e))."""
     def __init__(self, args: Args, objects: bool = False):
         super().__init__()
         D = args.n_embd
@@ -955,7 +956,8 @@ def controller_stage(args: Args, model: GPT, data: dict, device, log: Logger) ->
 # like GRPO without groups. The methods differ only in *what an action is* (the lines marked # ALGO LOGIC):
 #   token-level RL: act_t = the primitive move a_t at every env step, pi = the whole base model (finetuned);
 #   internal RL:    act_k = the code z at the k-th switch only, pi = a small causal policy over z; the base
-#                   model and the metacontroller's decoder are part of the environment.
+#                   model and the metacontroller's decoder are part of the environment (section 10 defines
+#                   z, the switch and the decoder; section 11 is this loop over them).
 # Token-level RL starts from the pretrained model, which on this task essentially never succeeds (App. C.5.3:
 # about once in a million episodes); with no success in a batch every advantage is 0 and nothing is learned.
 def trajectory_advantage(rewards):
@@ -1420,7 +1422,7 @@ def make_figures(args: Args, results: dict) -> list:
     except Exception as e:  # noqa: BLE001 -- MuJoCo needs an OpenGL backend; the other figures do not
         if args.task == "grid":
             raise
-        print(f"[12 figures] no env.png: MuJoCo cannot render here ({type(e).__name__}); try MUJOCO_GL=egl")
+        print(f"[12 figures] no env.png: MuJoCo cannot render here ({type(e).__name__}); try MUJOCO_GL=osmesa")
     if "probe_accuracy" in r:
         acc = r["probe_accuracy"]                                   # one per layer 0..L
         with figure("probe_accuracy.png", "Linear probe of the current subgoal", xlabel="layer l (0 = embedding)",

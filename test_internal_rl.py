@@ -356,7 +356,7 @@ def test_ant_renders_a_top_view(ant_env):
     try:                                   # only a missing OpenGL skips; the env's own rendering must work
         mujoco.Renderer(mujoco.MjModel.from_xml_string("<mujoco/>"), 8, 8).close()
     except Exception as e:  # noqa: BLE001
-        pytest.skip(f"no OpenGL for MuJoCo here ({type(e).__name__}); headless machines need MUJOCO_GL=egl")
+        pytest.skip(f"no OpenGL for MuJoCo here ({type(e).__name__}); try MUJOCO_GL=osmesa")
     env = at.AntPinpadEnv(render_mode="rgb_array", width=64, height=64)
     env.reset(seed=0)
     img = env.render()
@@ -976,6 +976,7 @@ def test_ctrl_c_during_pretraining_says_what_is_kept_and_the_rerun_continues(tmp
     (["--preset", "huge"], "unknown --preset 'huge'; valid choices: default, quick, paper"),
     (["--task", "ant", "--preset", "paper"], "unknown --preset 'paper'; valid choices: default, quick"),
     (["--task", "ant", "--fast-expert"], "--fast-expert is for the grid"),
+    (["--task", "ant", "--epsilon", "0.1"], "--epsilon is for the grid; the ant's expert noise is --action-noise"),
     (["--workers", "3"], "--workers is for the ant; the grid draws fresh expert episodes every step (--workers: with"),
 ])
 def test_bad_input_exits_with_one_line(argv, needle):

@@ -320,8 +320,9 @@ def test_bitmask_distance_maps_equal_the_reference_search():
 
 def test_a_given_layout_is_validated():
     env = gw.GridPinpadEnv()
-    with pytest.raises(ValueError, match="13 distinct cells"):
-        env.reset(options={"layout": [0] * 13})
+    for cells in ([0] * 13, list(range(12)), list(range(14)), list(range(12)) + [49], list(range(1, 13)) + [-1]):
+        with pytest.raises(ValueError, match="13 distinct cells"):       # repeated, too few, too many, off the grid
+            env.reset(options={"layout": cells})
 
 
 # ----------------------------------------------------------------------------------- the ant env
@@ -600,6 +601,7 @@ def test_relative_buckets_are_monotone_and_bounded():
     b = ir.relative_buckets(101, 32)
     d = b[100]                                       # distances 100..0 from the last query
     assert b.max() <= 31 and b[:, 0].tolist()[:16] == list(range(16))       # exact buckets for d < 16
+    assert ir.relative_buckets(600, 32).max() == 31                         # distances past 128 share the last
     assert all(d[i] >= d[i + 1] for i in range(100))
 
 
@@ -693,7 +695,8 @@ def test_probe_finds_a_planted_signal():
     x = torch.randn(2000, 16)
     x[:, 3] += 4.0 * y.float()                      # subgoal linearly decodable from one direction
     acc = ir.train_probe(x[:1000], y[:1000], x[1000:], y[1000:], steps=300, lr=5e-2)
-    chance = ir.train_probe(torch.randn(1000, 16), y[:1000], torch.randn(1000, 16), y[1000:], steps=300, lr=5e-2)
+    noise = torch.randn(2000, 256)                  # wide enough to fit noise: scoring the fitted half would pass
+    chance = ir.train_probe(noise[:1000], y[:1000], noise[1000:], y[1000:], steps=300, lr=5e-2)
     assert acc > 0.9 and chance < 0.35
 
 
@@ -1355,6 +1358,15 @@ def test_switching_unit_and_policy_are_causal(mc_setup):
     e2 = e_dec.clone()
     e2[:, -1] += 1.0
     assert torch.equal(pi.log_prob(e2, z_dec)[:, :-1], lp[:, :-1])          # the policy is causal too
+    mc2 = copy.deepcopy(mc)                           # the training path: beta_t in MetaController.forward
+    with torch.no_grad():
+        mc2.encoder[2].weight.zero_()                 # z~ no longer reads the (non-causal) s: only beta can leak
+        mc2.encoder[2].bias.normal_()
+    ef = e.clone()
+    ef[:, 7:] += torch.randn_like(ef[:, 7:])
+    full = torch.full((e.shape[0],), e.shape[1])
+    beta, beta_f = (mc2(x, full, sample=False)[2] for x in (e, ef))
+    assert torch.equal(beta[:, :7], beta_f[:, :7]) and not torch.equal(beta[:, 7:], beta_f[:, 7:])
 
 
 def test_internal_agent_decides_at_switches_only(mc_setup):
